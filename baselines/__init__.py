@@ -1,0 +1,5 @@
+"""Every competitor by name (torch.optim, pytorch-optimizer) and the PISA family, one registry."""
+
+from baselines.registry import REGISTRY, available, build_optimizer, optimizer_needs, spec_of
+
+__all__ = ["REGISTRY", "available", "build_optimizer", "optimizer_needs", "spec_of"]

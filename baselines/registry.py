@@ -1,0 +1,145 @@
+"""Every optimizer by name: the PISA family and the maintained competitors.
+
+An ``optim`` config is ``{name: <registry name>, <hyperparameter>: <value>, ...}``; every key but
+the reserved ones below is passed to the optimizer's constructor, so the config owns every
+hyperparameter. Reserved keys:
+
+- ``routing``: for hybrid optimizers (Muon, NSISA), which parameters are *not* hidden matrices
+  (``exclude``: name patterns; embeddings and vectors always go to the companion);
+- ``companion``: an ``optim``-style config of the optimizer that trains those parameters
+  (AdamW by default).
+
+Nothing is re-implemented here: torch.optim, the ``pytorch-optimizer`` package and ``pisa``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+RESERVED = ("name", "routing", "companion")
+PISA_FAMILY = ("pisa", "sisa", "nsisa")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Where an optimizer lives and how it is built."""
+
+    target: str  # "module:Class"
+    takes: str = "params"  # "params" or "model" (Adam-mini wants the module)
+    hybrid: bool = False  # hidden matrices to it, the rest to a companion optimizer
+    needs: frozenset[str] = field(default_factory=frozenset)  # "closure", "create_graph"
+    source: str = "torch"
+
+    def cls(self) -> type[torch.optim.Optimizer]:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def _po(name: str, **kw: Any) -> Spec:
+    return Spec(f"pytorch_optimizer:{name}", source="pytorch-optimizer", **kw)
+
+
+REGISTRY: dict[str, Spec] = {
+    # ours
+    "pisa": Spec("pisa:PISA", source="pisa"),
+    "sisa": Spec("pisa:SISA", source="pisa"),
+    "nsisa": Spec("pisa:NSISA", hybrid=True, source="pisa"),
+    # torch.optim
+    "sgdm": Spec("torch.optim:SGD"),
+    "adam": Spec("torch.optim:Adam"),
+    "adamw": Spec("torch.optim:AdamW"),
+    "rmsprop": Spec("torch.optim:RMSprop"),
+    "muon": Spec("torch.optim:Muon", hybrid=True),
+    # pytorch-optimizer
+    "adan": _po("Adan"),
+    "adabelief": _po("AdaBelief"),
+    "adabound": _po("AdaBound"),
+    "yogi": _po("Yogi"),
+    "msvag": _po("MSVAG"),
+    "radam": _po("RAdam"),
+    "fromage": _po("Fromage"),
+    "adamp": _po("AdamP"),
+    "sgdp": _po("SGDP"),
+    "lion": _po("Lion"),
+    "diffgrad": _po("DiffGrad"),
+    "sgdsai": _po("SGDSaI"),
+    "soap": _po("SOAP"),
+    "shampoo": _po("Shampoo"),
+    "adammini": _po("AdamMini", takes="model"),
+}
+
+
+def available() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def spec_of(name: str) -> Spec:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown optimizer '{name}'; choose one of: {', '.join(available())}")
+    return REGISTRY[name]
+
+
+def _kwargs(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    assert isinstance(c, dict)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in c.items() if k not in RESERVED}
+
+
+def optimizer_needs(cfg: DictConfig | dict[str, Any]) -> frozenset[str]:
+    """What the training loop must provide for this optimizer (``closure``, ``create_graph``)."""
+    needs = set(spec_of(str(cfg["name"])).needs)
+    if str(cfg["name"]) in PISA_FAMILY and str(cfg.get("preconditioner", "")) == "hutchinson":
+        needs.add("create_graph")
+    return frozenset(needs)
+
+
+def _build_plain(
+    spec: Spec, model: nn.Module, params: list[nn.Parameter], kw: dict[str, Any]
+) -> torch.optim.Optimizer:
+    if spec.takes == "model":
+        return spec.cls()(model, **kw)
+    return spec.cls()(params, **kw)
+
+
+def build_optimizer(
+    model: nn.Module, cfg: DictConfig | dict[str, Any], distributed: bool = False
+) -> torch.optim.Optimizer:
+    """Build the optimizer named ``cfg.name`` over ``model``'s trainable parameters.
+
+    Hybrid optimizers (Muon, NSISA) get the hidden matrices; the embeddings, output head and
+    vectors go to ``cfg.companion`` (AdamW by default), wrapped in :class:`pisa.Hybrid`.
+    ``distributed`` is accepted for symmetry: PISA-family optimizers detect torchrun themselves.
+    """
+    del distributed
+    spec = spec_of(str(cfg["name"]))
+    kw = _kwargs(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not spec.hybrid:
+        return _build_plain(spec, model, params, kw)
+    from pisa import Hybrid
+    from pisa.routing import split_params
+
+    routing = cfg.get("routing") or {}
+    hidden, rest = split_params(model, exclude=tuple(routing.get("exclude", ())))
+    if not hidden:
+        raise ValueError(
+            f"optimizer '{cfg['name']}' trains hidden matrices, and this model has none left "
+            f"after routing (exclude={list(routing.get('exclude', ()))})"
+        )
+    main = spec.cls()(hidden, **kw)
+    if not rest:
+        return Hybrid(main, None)
+    comp_cfg = cfg.get("companion") or {"name": "adamw"}
+    comp_spec = spec_of(str(comp_cfg["name"]))
+    if comp_spec.hybrid or comp_spec.takes == "model":
+        raise ValueError(f"companion optimizer must be a plain one, not '{comp_cfg['name']}'")
+    companion = _build_plain(comp_spec, model, rest, _kwargs(comp_cfg))
+    return Hybrid(main, companion)
+
+

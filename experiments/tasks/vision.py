@@ -1,0 +1,92 @@
+"""Image classification on in-memory datasets (MNIST family, CIFAR-10), primary metric accuracy (%).
+
+Batches are drawn without replacement in an order fixed by ``(seed, epoch)``; augmentation
+(``data.augment``: random crop with ``pad`` pixels of zero padding and horizontal flip, as the
+CIFAR recipes) uses the same per-epoch generator, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments.data.images import ImageData, load_images
+from experiments.models import build_model
+from experiments.tasks.base import Task
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of all data randomness of one epoch."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def augment(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+    """Random crop after zero padding by ``pad`` and random horizontal flip (uint8 batch)."""
+    n, _, h, w = x.shape
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+        x = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
+                   rows, cols]
+    if flip:
+        mask = torch.rand(n, generator=g) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class ImageClassification(Task):
+    """Cross-entropy training, accuracy and loss on the test split."""
+
+    data: ImageData
+
+    def setup(self) -> None:
+        self.data = load_images(self.tcfg.data, self.data_dir)
+        if self.data.note:
+            self.notes.append(self.data.note)
+        self.mean = torch.tensor(self.data.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(self.data.std).view(1, -1, 1, 1)
+
+    def build_model(self) -> nn.Module:
+        x = self.data.train_x
+        return build_model(self.tcfg.model, in_channels=x.shape[1], num_classes=self.data.num_classes,
+                           image_size=x.shape[-1])
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0 - self.mean) / self.std
+
+    def steps_per_epoch(self) -> int:
+        return max(len(self.data.train_x) // int(self.cfg.train.batch_size), 1)
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = epoch_generator(self.seed, epoch)
+        n, bs = len(self.data.train_x), int(self.cfg.train.batch_size)
+        bs = min(bs, n)
+        perm = torch.randperm(n, generator=g)
+        aug = self.tcfg.data.get("augment") or {}
+        for i in range(self.steps_per_epoch()):
+            idx = perm[i * bs : (i + 1) * bs]
+            x = self.data.train_x[idx]
+            if aug:
+                x = augment(x, int(aug.get("pad", 0)), bool(aug.get("flip", False)), g)
+            yield self._normalise(x), self.data.train_y[idx]
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y, label_smoothing=float(self.tcfg.get("label_smoothing", 0.0)))
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        bs = int(self.cfg.train.eval_batch_size)
+        correct, loss_sum, n = 0, 0.0, len(self.data.test_x)
+        for i in range(0, n, bs):
+            x = self._normalise(self.data.test_x[i : i + bs]).to(self.device)
+            y = self.data.test_y[i : i + bs].to(self.device)
+            logits = model(x).float()
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+        return {"accuracy": 100.0 * correct / n, "loss": loss_sum / n}

@@ -1,0 +1,379 @@
+"""The shared trainer: one loop for every supervised task, services for the others.
+
+One global step (an optimizer *round*) of the supervised loop::
+
+    batch  <- next batch of task.train_batches(epoch)          (same on every rank)
+    batch  <- this rank's 1/world share                          (torchrun only)
+    for each of the m worker sub-batches (m = optimizer.n_workers in virtual mode, else 1):
+        zero grads; loss = task.loss(model, sub) under autocast; backward; clip
+        optimizer.step()          (PISA family: one worker's local step; the m-th ends the round)
+    scheduler.step(); log; evaluate / checkpoint on cadence
+
+In torchrun mode PISA-family optimizers run their distributed round (one all-reduce); every
+other optimizer gets its gradients averaged across ranks first (what DDP does).
+
+Services for tasks with their own loop (GAN, RL, federated): :meth:`make_optimizer`,
+:meth:`make_scheduler`, :meth:`optimizer_step` (timed), :meth:`log`, :meth:`record_eval`,
+:meth:`check_finite`, :meth:`save_checkpoint` / :meth:`load_checkpoint`,
+:meth:`stop_requested`, :meth:`progress`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from baselines import build_optimizer, optimizer_needs
+from experiments.record import RunRecord
+from experiments.rundir import atomic_save_torch
+from experiments.runtime import (
+    Dist,
+    autocast,
+    optimizer_state_bytes,
+    peak_memory_bytes,
+    reset_peak_memory,
+    rng_state,
+    set_rng_state,
+)
+from experiments.schedules import lr_multiplier
+from experiments.tasks.base import Task, to_device
+
+log = logging.getLogger("pisa-bench")
+
+
+class Diverged(RuntimeError):
+    """The loss or the primary metric became NaN or infinite."""
+
+    def __init__(self, step: int, what: str, value: float) -> None:
+        super().__init__(f"{what} is {value} at step {step}")
+        self.step = step
+
+
+class Preempted(RuntimeError):
+    """Stopped by a signal (or ``train.preempt_at_step``) after saving a checkpoint."""
+
+
+class Trainer:
+    """Runs a :class:`Task` under the ``train`` config and records it in a :class:`RunRecord`."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        task: Task,
+        record: RunRecord | None,
+        run_dir: Path,
+        device: torch.device,
+        dist_info: Dist,
+    ) -> None:
+        self.cfg, self.tc, self.task = cfg, cfg.train, task
+        self.record = record  # None on ranks other than 0
+        self.run_dir = run_dir
+        self.device, self.dist = device, dist_info
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.samples = 0
+        self._opt_time = 0.0
+        self._opt_steps = 0
+        self._stop = False
+        self._handlers: dict[int, Any] = {}
+        self.best: float | None = None
+        self.max_steps = 0
+        self.extra_loggers: list[Any] = []
+
+    # --- signals --------------------------------------------------------------------------
+    def __enter__(self) -> Trainer:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        reset_peak_memory(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, h in self._handlers.items():
+            signal.signal(sig, h)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._stop:  # second signal: stop now
+            raise KeyboardInterrupt
+        log.warning("signal %d: checkpointing at the end of this step, then stopping", signum)
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        """True once a stop was asked (signal, or ``train.preempt_at_step`` reached)."""
+        at = self.tc.get("preempt_at_step")
+        return self._stop or (at is not None and self.step >= int(at) and self.step < self.max_steps)
+
+    # --- services -------------------------------------------------------------------------
+    def make_optimizer(self, model: nn.Module, optim_cfg: DictConfig | None = None) -> torch.optim.Optimizer:
+        ocfg = self.cfg.optim if optim_cfg is None else optim_cfg
+        opt = build_optimizer(model, ocfg, distributed=self.dist.world > 1)
+        return opt
+
+    def make_scheduler(self, opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        spec = OmegaConf.to_container(self.tc.schedule, resolve=True)
+        assert isinstance(spec, dict)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(spec, total_steps))
+
+    def optimizer_step(self, opt: torch.optim.Optimizer, closure: Any = None) -> None:
+        """``opt.step()`` with its wall time measured apart from forward/backward."""
+        sync = self.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        opt.step(closure) if closure is not None else opt.step()
+        if sync:
+            torch.cuda.synchronize(self.device)
+        self._opt_time += time.perf_counter() - t0
+
+    def end_round(self) -> None:
+        """Count one global step of optimizer time (call once per round in custom loops)."""
+        self._opt_steps += 1
+
+    def check_finite(self, value: float, what: str) -> None:
+        if not math.isfinite(value):
+            raise Diverged(self.step, what, value)
+
+    def log(self, split: str, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.record is None or not metrics:
+            return
+        spe = self.task.steps_per_epoch()
+        epoch = self.epoch + (self.batch_in_epoch / spe if spe else 0.0)
+        self.record.log(self.step if step is None else step, epoch, self.samples, split, metrics)
+        for lg in self.extra_loggers:
+            lg.log(split, metrics, self.step if step is None else step)
+
+    def record_eval(self, metrics: dict[str, float]) -> None:
+        """Log evaluation metrics and track final / best / time-to-target of the primary metric."""
+        task = self.task
+        if task.metric not in metrics:
+            raise KeyError(f"task {task.tcfg.name} evaluation lacks its metric '{task.metric}'")
+        self.log(task.metric_split, metrics)
+        value = float(metrics[task.metric])
+        self.check_finite(value, task.metric)
+        better = self.best is None or (value < self.best if task.lower_is_better else value > self.best)
+        if self.record is None:
+            if better:
+                self.best = value
+            return
+        rec = self.record
+        rec.update(final_metric=value)
+        if better:
+            self.best = value
+            rec.update(best_metric=value, best_step=self.step)
+        target = task.target
+        reached = target is not None and (value <= target if task.lower_is_better else value >= target)
+        if reached and rec.summary.get("steps_to_target") is None:
+            rec.update(steps_to_target=self.step, time_to_target_s=round(rec.wall_time(), 3))
+        self._progress_note(f"{task.metric}={value:.4g}")
+
+    def progress(self, total: int, initial: int = 0) -> Any:
+        """A tqdm bar when interactive (``train.progress``: auto | true | false)."""
+        setting = str(self.tc.get("progress", "auto")).lower()
+        show = setting == "true" or (setting == "auto" and sys.stderr.isatty())
+        self._bar = tqdm(total=total, initial=initial, disable=not show or not self.dist.is_main,
+                         desc=f"{self.task.tcfg.name}/{self.cfg.optim.name}", dynamic_ncols=True)
+        return self._bar
+
+    def _progress_note(self, text: str) -> None:
+        bar = getattr(self, "_bar", None)
+        if bar is not None and not bar.disable:
+            bar.set_postfix_str(text)
+        elif self.dist.is_main:
+            log.info("step %d/%d  %s", self.step, self.max_steps, text)
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def _ckpt_path(self) -> Path:
+        return self.run_dir / "ckpt" / f"rank{self.dist.rank}.pt"
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Save ``state`` (models, optimizers, ...) with the trainer position and RNG, atomically."""
+        full = {
+            "user": state,
+            "trainer": {
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples": self.samples, "opt_time": self._opt_time, "opt_steps": self._opt_steps,
+                "best": self.best,
+                "wall_time_s": self.record.wall_time() if self.record is not None else None,
+                "summary": dict(self.record.summary) if self.record is not None else None,
+            },
+            "task": self.task.state_dict(),
+            "rng": rng_state(),
+        }
+        path = self._ckpt_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_torch(path, full)
+        if self.record is not None:
+            self.write_progress()
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The ``state`` saved last, with the trainer position restored; None on a fresh run."""
+        path = self._ckpt_path()
+        if not path.exists():
+            return None
+        full = torch.load(path, map_location=self.device, weights_only=False)
+        t = full["trainer"]
+        self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
+        self.samples, self._opt_time, self._opt_steps = t["samples"], t["opt_time"], t["opt_steps"]
+        self.best = t["best"]
+        if self.record is not None:
+            self.record.summary.update(t["summary"])
+            self.record.summary["status"] = "running"
+            self.record.restore_wall_time(t["wall_time_s"])
+            self.record.truncate_after(self.step)
+        self.task.load_state_dict(full["task"])
+        set_rng_state(full["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return full["user"]
+
+    def write_progress(self) -> None:
+        """Write the position and resource figures so far into the summary."""
+        if self.record is None:
+            return
+        self.record.update(
+            steps=self.step,
+            samples_or_tokens=self.samples,
+            opt_step_ms_mean=1e3 * self._opt_time / max(self._opt_steps, 1),
+            peak_memory_bytes=peak_memory_bytes(self.device),
+        )
+        self.record.write_summary()
+
+    def finish(self, optimizers: Iterable[torch.optim.Optimizer], n_params: int) -> None:
+        """Write the end-of-run resource figures into the summary."""
+        if self.record is None:
+            return
+        self.record.update(
+            optimizer_state_bytes=sum(optimizer_state_bytes(o) for o in optimizers),
+            n_params=n_params,
+        )
+        self.write_progress()
+
+    # --- the supervised loop --------------------------------------------------------------
+    def total_steps(self) -> int:
+        epochs = self.tc.get("epochs")
+        spe = self.task.steps_per_epoch()
+        if epochs is not None:
+            if spe is None:
+                raise ValueError(f"train.epochs is set but task {self.task.tcfg.name} has no epoch length")
+            return int(math.ceil(float(epochs) * spe))
+        return int(self.tc.max_steps)
+
+    def _batches(self) -> Iterator[Any]:
+        """Endless batches from the current position, skipping those done before a resume."""
+        while True:
+            empty = True
+            for i, batch in enumerate(self.task.train_batches(self.epoch)):
+                empty = False
+                if i < self.batch_in_epoch:
+                    continue
+                self.batch_in_epoch = i + 1
+                yield batch
+            if empty:
+                raise RuntimeError(f"task {self.task.tcfg.name} yielded no training batch")
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _sync_grads(self, model: nn.Module) -> None:
+        """Average gradients across ranks (what DDP does), for non-PISA optimizers."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.dist.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def fit(self, task: Task) -> None:
+        """Train a supervised task to ``train.max_steps`` (or ``train.epochs``)."""
+        tc = self.tc
+        model = task.build_model().to(self.device)
+        opt = self.make_optimizer(model)
+        needs = optimizer_needs(self.cfg.optim)
+        if "closure" in needs:
+            raise ValueError(
+                f"optimizer '{self.cfg.optim.name}' needs a closure, which task "
+                f"'{task.tcfg.name}' does not provide"
+            )
+        create_graph = "create_graph" in needs
+        pisa_family = hasattr(opt, "round_done")
+        distributed = self.dist.world > 1
+        m = 1 if distributed else int(getattr(opt, "n_workers", 1))
+        self.max_steps = total = self.total_steps()
+        sched = self.make_scheduler(opt, total)
+        state = self.load_checkpoint()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        clip = tc.get("grad_clip")
+        eval_every, log_every = int(tc.eval_every or 0), max(int(tc.log_every or 1), 1)
+        ckpt_every = int(tc.ckpt_every or 0)
+
+        def ckpt_state() -> dict[str, Any]:
+            return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict()}
+
+        bar = self.progress(total, initial=self.step)
+        batches = self._batches()
+        while self.step < total:
+            batch = next(batches)
+            n_batch = task.count(batch)
+            if distributed:
+                batch = task.split_batch(batch, self.dist.world)[self.dist.rank]
+            batch = to_device(batch, self.device)
+            model.train()
+            loss_sum = 0.0
+            subs = task.split_batch(batch, m)
+            for sub in subs:
+                opt.zero_grad(set_to_none=True)
+                with autocast(self.device, tc.precision):
+                    loss = task.loss(model, sub)
+                loss.backward(create_graph=create_graph)
+                if distributed and not pisa_family:
+                    self._sync_grads(model)
+                if clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+                self.optimizer_step(opt)
+                loss_sum += float(loss.detach())
+            sched.step()
+            self.end_round()
+            self.step += 1
+            self.samples += n_batch
+            train_loss = loss_sum / len(subs)
+            self.check_finite(train_loss, "training loss")
+            bar.update(1)
+            if self.step % log_every == 0 or self.step == total:
+                row = {"loss": train_loss, "lr": opt.param_groups[0]["lr"]}
+                if pisa_family and getattr(opt, "round_done", True):
+                    row.update({f"admm_{k}": v for k, v in opt.telemetry().items()})
+                self.log("train", row)
+                bar.set_postfix_str(f"loss={train_loss:.4g}")
+            if (eval_every and self.step % eval_every == 0) or self.step == total:
+                model.eval()
+                with torch.no_grad(), autocast(self.device, tc.precision):
+                    self.record_eval(task.evaluate(model))
+            if (ckpt_every and self.step % ckpt_every == 0) or self.stop_requested():
+                self.save_checkpoint(ckpt_state())
+            if self.stop_requested():
+                bar.close()
+                raise Preempted(f"stopped at step {self.step}; resume with the same command")
+        bar.close()
+        self.finish([opt], n_params)

@@ -1,0 +1,22 @@
+"""Run one training job: ``python run.py task=<task> optim=<optimizer> [scale=...] [seed=...]``.
+
+Sweeps: ``python run.py -m optim=sisa,adamw seed=0,1,2`` (add ``hydra/launcher=slurm`` for SLURM).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from experiments.main import execute
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    return execute(cfg)
+
+
+if __name__ == "__main__":
+    main()
