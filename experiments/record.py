@@ -38,8 +38,8 @@ def config_hash(cfg: DictConfig) -> str:
     for k in _NOT_IDENTITY:
         c.pop(k, None)
     if isinstance(c.get("train"), dict):
-        c["train"].pop("device", None)
-        c["train"].pop("progress", None)
+        for k in ("device", "progress", "preempt_at_step", "ckpt_every"):
+            c["train"].pop(k, None)
     blob = json.dumps(c, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

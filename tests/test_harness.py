@@ -1,0 +1,138 @@
+"""The shared harness: composition, run records, resume continuity, divergence, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+
+from experiments.config import compose_config, group_options
+from experiments.record import RunExists, RunRecord
+from experiments.rundir import read_metrics
+from experiments.schedules import lr_multiplier
+from experiments.tasks.base import DatasetMissing
+
+QUICK = ["task=quickstart_mnist", "scale=smoke", "train.max_steps=6", "train.log_every=1",
+         "train.eval_every=2"]
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_experiment_composes(experiment: str) -> None:
+    cfg = compose_config([f"experiment={experiment}"], with_hydra=True)
+    assert cfg.task.name and cfg.optim.name
+
+
+@pytest.mark.parametrize("task", group_options("task"))
+@pytest.mark.parametrize("scale", group_options("scale"))
+def test_every_task_scale_composes(task: str, scale: str) -> None:
+    cfg = compose_config([f"task={task}", f"scale={scale}"])
+    assert cfg.task.name == task and cfg.scale == scale
+    assert cfg.task.metric.name and cfg.task.metric.lower_is_better in (True, False)
+
+
+def test_unknown_task_lists_choices() -> None:
+    with pytest.raises(MissingConfigException) as e:
+        compose_config(["task=no_such_task"])
+    assert "quickstart_mnist" in str(e.value) and "Available options in 'task'" in str(e.value)
+
+
+def test_unknown_optimizer_lists_choices() -> None:
+    with pytest.raises(MissingConfigException) as e:
+        compose_config(["optim=no_such_optim"])
+    assert "adamw" in str(e.value) and "muon" in str(e.value)
+
+
+def test_missing_dataset_names_files_and_path(run_cfg, tmp_path: Path) -> None:
+    empty = tmp_path / "no_data"
+    with pytest.raises(DatasetMissing) as e:
+        run_cfg(["task=quickstart_mnist", "task.data.name=fashion_mnist", "optim=adamw",
+                 f"paths.data_dir={empty}"])
+    msg = str(e.value)
+    assert str(empty / "fashion-mnist" / "train-images-idx3-ubyte.gz") in msg
+    assert "paths.data_dir" in msg and "PISA_DATA_DIR" in msg
+
+
+def test_failed_run_is_recorded(run_cfg, tmp_path: Path) -> None:
+    with pytest.raises(DatasetMissing):
+        run_cfg(["task=quickstart_mnist", "task.data.name=fashion_mnist", "optim=adamw",
+                 f"paths.data_dir={tmp_path / 'none'}"])
+    (summary_path,) = tmp_path.glob("runs/**/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "failed" and "fashion-mnist" in summary["error"]
+
+
+def test_nan_run_is_recorded_as_diverged(run_cfg) -> None:
+    summary, run_dir = run_cfg([*QUICK, "optim=sgdm", "optim.lr=1e30", "optim.weight_decay=0"])
+    assert summary["status"] == "diverged"
+    assert isinstance(summary["diverged_step"], int) and 1 <= summary["diverged_step"] <= 6
+    assert "step" in summary["error"]
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muon", "sisa", "nsisa"])
+def test_resume_continuity(optim: str, run_cfg, tmp_path: Path) -> None:
+    """A run preempted at step 3 and resumed ends with the same metrics as an uninterrupted one."""
+    full, full_dir = run_cfg([*QUICK, f"optim={optim}", "name=full"])
+    assert full["status"] == "ok"
+    part, part_dir = run_cfg([*QUICK, f"optim={optim}", "name=cut", "train.preempt_at_step=3"])
+    assert part["status"] == "preempted" and part["steps"] == 3
+    assert (part_dir / "ckpt").exists()
+    resumed, resumed_dir = run_cfg([*QUICK, f"optim={optim}", "name=cut"])
+    assert resumed_dir == part_dir and resumed["status"] == "ok"
+
+    def values(d: Path) -> list[tuple[int, str, str, float]]:
+        return [(r["step"], r["split"], r["metric"], r["value"]) for r in read_metrics(d / "metrics.csv")]
+
+    assert values(resumed_dir) == values(full_dir)
+    assert resumed["final_metric"] == full["final_metric"]
+    assert resumed["steps"] == full["steps"] == 6
+    meta = json.loads((resumed_dir / "meta.json").read_text())
+    assert len(meta["resumes"]) == 1
+
+
+def test_finished_run_is_never_overwritten(run_cfg) -> None:
+    first, run_dir = run_cfg([*QUICK, "optim=adamw"])
+    before = (run_dir / "metrics.csv").read_text()
+    again, same_dir = run_cfg([*QUICK, "optim=adamw"])  # run.if_exists=resume: skipped
+    assert same_dir == run_dir and again == first
+    assert (run_dir / "metrics.csv").read_text() == before
+    with pytest.raises(RunExists):
+        run_cfg([*QUICK, "optim=adamw", "run.if_exists=refuse"])
+
+
+def test_refuse_does_not_resume_unfinished(tmp_path: Path) -> None:
+    cfg = compose_config([f"paths.out_dir={tmp_path}", *QUICK, "optim=adamw", "run.if_exists=refuse"])
+    rec = RunRecord.open(cfg, "cpu")
+    rec.metrics.close()
+    with pytest.raises(RunExists):
+        RunRecord.open(cfg, "cpu")
+
+
+def test_sigterm_checkpoints_and_marks_preempted(run_cfg) -> None:
+    """A SIGTERM mid-run ends the run as 'preempted' with a checkpoint to resume from."""
+    timer = threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        summary, run_dir = run_cfg(["task=quickstart_mnist", "scale=smoke", "optim=adamw",
+                                    "train.max_steps=100000", "train.eval_every=0"])
+    finally:
+        timer.cancel()
+    assert summary["status"] == "preempted"
+    assert (run_dir / "ckpt" / "rank0.pt").exists()
+    assert 0 < summary["steps"] < 100000
+
+
+def test_schedules() -> None:
+    f = lr_multiplier({"name": "step", "milestones_frac": [0.5, 0.75], "gamma": 0.1}, 100)
+    assert [f(0), f(49), f(50), f(75), f(99)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+    f = lr_multiplier({"name": "trapezoid", "warmup_steps": 10, "warmdown_frac": 0.5}, 100)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(49) == 1.0 and f(75) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+    f = lr_multiplier({"name": "cosine", "min_frac": 0.1}, 100)
+    assert f(0) == 1.0 and f(50) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="constant"):
+        lr_multiplier({"name": "linear"}, 10)

@@ -1,0 +1,38 @@
+"""Every task x optimizer at scale=smoke runs on CPU and writes a valid run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from experiments.config import group_options
+from experiments.rundir import METRIC_COLUMNS, SUMMARY_FIELDS, read_metrics
+
+TASKS = group_options("task")
+OPTIMS = group_options("optim")
+
+
+@pytest.mark.parametrize("optim", OPTIMS)
+@pytest.mark.parametrize("task", TASKS)
+def test_smoke(task: str, optim: str, run_cfg) -> None:
+    summary, run_dir = run_cfg([f"task={task}", f"optim={optim}", "scale=smoke"])
+    assert summary["status"] in ("ok", "diverged"), summary.get("error")
+    assert set(SUMMARY_FIELDS) <= set(summary)
+    assert summary["task"] == task and summary["optim"] == optim and summary["scale"] == "smoke"
+    assert summary["steps"] and summary["steps"] > 0
+    assert summary["n_params"] and summary["n_params"] > 0
+    assert summary["optimizer_state_bytes"] is not None
+    if summary["status"] == "ok":
+        assert summary["final_metric"] is not None and math.isfinite(summary["final_metric"])
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["task"]["name"] == task and cfg["optim"]["name"] == optim
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert {"git_sha", "git_dirty", "packages", "device", "host", "command", "start_time"} <= set(meta)
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert tuple(header) == METRIC_COLUMNS
+    rows = read_metrics(run_dir / "metrics.csv")
+    assert any(r["metric"] == summary["metric"] and r["split"] == summary["metric_split"] for r in rows)
+    assert not list(run_dir.glob(".*.tmp")), "a temporary file was left behind"
