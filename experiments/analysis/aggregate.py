@@ -36,7 +36,7 @@ def is_baseline(optim: str) -> bool:
 def _as_bool(v: Any) -> bool:
     if isinstance(v, str):
         return v.strip().lower() in ("true", "1", "yes")
-    return bool(v) if v is not None and not (isinstance(v, float) and math.isnan(v)) else False
+    return False if v is None or pd.isna(v) else bool(v)
 
 
 def prepare(runs: pd.DataFrame) -> pd.DataFrame:
@@ -45,7 +45,7 @@ def prepare(runs: pd.DataFrame) -> pd.DataFrame:
     for key in GROUP_KEYS:
         if key not in df.columns:
             df[key] = ""
-        df[key] = df[key].map(lambda v: "" if v is None or v != v else str(v))
+        df[key] = df[key].map(lambda v: "" if v is None or pd.isna(v) else str(v))
     for col in ("final_metric", "best_metric", "steps_to_target", "time_to_target_s",
                 "opt_step_ms_mean", "peak_memory_bytes", "optimizer_state_bytes", "target"):
         if col not in df.columns:

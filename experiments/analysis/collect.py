@@ -109,7 +109,7 @@ def run_curves(run_dir: Path, ids: Mapping[str, Any]) -> pd.DataFrame:
 def _arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
     """Make object columns single-typed (mixed types -> str) so that parquet can store them."""
     df = df.copy()
-    for col in df.select_dtypes(include="object").columns:
+    for col in [c for c in df.columns if pd.api.types.is_object_dtype(df[c])]:
         values = df[col].dropna()
         if values.map(type).nunique() > 1:
             df[col] = df[col].map(lambda v: v if v is None or v is pd.NA else str(v))

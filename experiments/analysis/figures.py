@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import LogFormatter
 
 from experiments.analysis.aggregate import PISA_FAMILY, TASK_KEYS, task_info
 from experiments.analysis.curves import metric_curves, primary_curves, seed_band
@@ -41,6 +42,7 @@ X_LABELS = {"step": "Steps", "samples_or_tokens": "Samples / tokens",
 DISPLAY = {"pisa": "PISA", "sisa": "SISA", "nsisa": "NSISA", "adamw": "AdamW", "adam": "Adam",
            "sgd": "SGD", "sgdm": "SGD-M", "muon": "Muon", "lion": "Lion", "radam": "RAdam"}
 MAX_COLS = 4
+SPARSE_POINTS = 12
 
 
 def display_name(optim: str) -> str:
@@ -72,6 +74,18 @@ def save(fig: Figure, path_stem: str | os.PathLike) -> list[Path]:
     return out
 
 
+class PlainLogFormatter(LogFormatter):
+    """Log-axis labels as plain numbers (``3``, ``0.6``) instead of ``3×10^0``, ``6e-01``."""
+
+    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+        return f"{x:g}"
+
+
+def _plain_log_ticks(axis) -> None:
+    axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
+
+
 def _wants_log(metric: str, values: np.ndarray) -> bool:
     name = metric.lower()
     lossy = "loss" in name or "perplexity" in name or name == "ppl"
@@ -88,7 +102,9 @@ def _draw_band(ax: Axes, df: pd.DataFrame, x: str, band: str, colors: dict) -> l
         lo, hi = ((b["min"], b["max"]) if band == "minmax"
                   else (b["mean"] - b["std"], b["mean"] + b["std"]))
         color = colors[optim]
-        ax.plot(b[x], b["mean"], color=color, label=display_name(optim))
+        marker = "o" if len(b) <= SPARSE_POINTS else None  # sparse evaluations stay visible
+        ax.plot(b[x], b["mean"], color=color, label=display_name(optim), marker=marker,
+                markersize=3)
         ax.fill_between(b[x], lo, hi, color=color, alpha=0.18, linewidth=0)
         drawn.append(optim)
     return drawn
@@ -145,16 +161,17 @@ def plot_curves(
                 log = _wants_log(metric, sub["value"].to_numpy(float)) if logy is None else logy
                 if log:
                     ax.set_yscale("log")
+                    _plain_log_ticks(ax.yaxis)
                 ax.set_title(task_label(task, scale))
                 ax.set_xlabel(X_LABELS.get(x, x))
                 ax.set_ylabel(ylabel)
         handles = [Line2D([], [], color=colors[o], label=display_name(o)) for o in sorted(
             drawn, key=lambda o: (str(o).lower() not in PISA_FAMILY, str(o)))]
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6))
+        spread = "min–max" if band == "minmax" else "±1 std"
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6),
+                   title=f"line: mean over seeds, band: {spread}", title_fontsize=7)
         if title:
             fig.suptitle(title)
-        spread = "min–max" if band == "minmax" else "±1 std"
-        fig.text(0.0, 0.0, f"lines: mean over seeds; bands: {spread}", fontsize=7, alpha=0.6)
     return save(fig, path_stem)
 
 
@@ -178,8 +195,9 @@ def plot_profile(
                 ax.step(taus, rho[optim], where="post", color=colors[optim],
                         label=display_name(optim))
             ax.set_xscale("log")
+            _plain_log_ticks(ax.xaxis)
             ax.set_xlim(1, taus[-1])
-            ax.set_ylim(0, 1.03)
+            ax.set_ylim(-0.02, 1.03)
             ax.set_xlabel("τ (ratio to the best optimizer on the task)")
             ax.set_ylabel("fraction of tasks within τ")
             ax.set_title(f"{cost.capitalize()} to target ({len(ratios)} tasks)")

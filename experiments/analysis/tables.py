@@ -40,6 +40,7 @@ class Style:
     pm: str
     text: Callable[[str], str]
     delta: str
+    lt: str = "<"
 
 
 MARKDOWN = Style(bold=lambda s: f"**{s}**", pm=" ± ", text=lambda s: s.replace("|", "\\|"),
@@ -54,7 +55,7 @@ def latex_escape(s: str) -> str:
 
 
 LATEX = Style(bold=lambda s: rf"\textbf{{{s}}}", pm=r" $\pm$ ", text=latex_escape,
-              delta=r"$\Delta$")
+              delta=r"$\Delta$", lt="$<$")
 
 
 def _finite(x: object) -> bool:
@@ -77,6 +78,13 @@ def fmt_bytes(x: object) -> str:
     raise AssertionError("unreachable")
 
 
+def fmt_p(p: object, lt: str = "<") -> str:
+    """``p=0.0123`` (3 significant digits); below 1e-4 ``p<1e-4``."""
+    if not _finite(p):
+        return "p=–"
+    return f"p{lt}1e-4" if p < 1e-4 else f"p={p:.3g}"
+
+
 def _mean_std(row: pd.Series, key: str, st: Style) -> str:
     mean = fmt_num(row[f"{key}_mean"])
     if bool(row.get(f"best_{key}", False)):
@@ -96,9 +104,9 @@ def _test_cell(row: pd.Series, tests: pd.DataFrame, baseline: str | None, st: St
         n = 0 if hit.empty else int(hit["n"].iloc[0])
         return f"n={n}: no test"
     t = hit.iloc[0]
-    parts = [f"{st.delta}={t['mean_diff']:+.3g}", f"t p={fmt_num(t['t_p'], 3)}"]
+    parts = [f"{st.delta}={t['mean_diff']:+.3g}", f"t {fmt_p(t['t_p'], st.lt)}"]
     if _finite(t["wilcoxon_p"]):
-        parts.append(f"W p={fmt_num(t['wilcoxon_p'], 3)}")
+        parts.append(f"W {fmt_p(t['wilcoxon_p'], st.lt)}")
     return ", ".join(parts) + f" (n={int(t['n'])})"
 
 
@@ -131,6 +139,8 @@ def task_caption(g: pd.DataFrame) -> str:
     """``"cifar10 (small): accuracy on val, higher is better; target 0.9"``."""
     r = g.iloc[0]
     name = f"{r['task']} ({r['scale']})" if r["scale"] else str(r["task"])
+    if pd.isna(r["metric"]):
+        return f"{name}: primary metric unknown (no finished run)"
     direction = "lower" if bool(r["lower_is_better"]) else "higher"
     target = f"target {fmt_num(r['target'])}" if _finite(r["target"]) else "no target"
     return f"{name}: {r['metric']} on {r['metric_split']}, {direction} is better; {target}"
