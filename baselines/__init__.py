@@ -1,5 +1,12 @@
 """Every competitor by name (torch.optim, pytorch-optimizer) and the PISA family, one registry."""
 
-from baselines.registry import REGISTRY, available, build_optimizer, optimizer_needs, spec_of
+from baselines.registry import (
+    REGISTRY,
+    Incompatible,
+    available,
+    build_optimizer,
+    optimizer_needs,
+    spec_of,
+)
 
-__all__ = ["REGISTRY", "available", "build_optimizer", "optimizer_needs", "spec_of"]
+__all__ = ["REGISTRY", "Incompatible", "available", "build_optimizer", "optimizer_needs", "spec_of"]

@@ -5,7 +5,8 @@ the reserved ones below is passed to the optimizer's constructor, so the config 
 hyperparameter. Reserved keys:
 
 - ``routing``: for hybrid optimizers (Muon, NSISA), which parameters are *not* hidden matrices
-  (``exclude``: name patterns; embeddings and vectors always go to the companion);
+  (``exclude``: name patterns; embeddings and vectors always go to the companion;
+  ``require_2d``: only 2-D matrices are hidden, conv kernels go to the companion too);
 - ``companion``: an ``optim``-style config of the optimizer that trains those parameters
   (AdamW by default).
 
@@ -24,6 +25,10 @@ from torch import nn
 
 RESERVED = ("name", "routing", "companion")
 PISA_FAMILY = ("pisa", "sisa", "nsisa")
+
+
+class Incompatible(ValueError):
+    """This optimizer cannot train this model or task (refused before any step)."""
 
 
 @dataclass(frozen=True)
@@ -122,15 +127,19 @@ def build_optimizer(
     params = [p for p in model.parameters() if p.requires_grad]
     if not spec.hybrid:
         return _build_plain(spec, model, params, kw)
-    from pisa import Hybrid
-    from pisa.routing import split_params
+    from pisa import Hybrid, split_hidden_matrices
 
     routing = cfg.get("routing") or {}
-    hidden, rest = split_params(model, exclude=tuple(routing.get("exclude", ())))
+    hidden, rest = split_hidden_matrices(
+        model,
+        exclude=tuple(routing.get("exclude", ())),
+        require_2d=bool(routing.get("require_2d", False)),
+    )
     if not hidden:
-        raise ValueError(
+        raise Incompatible(
             f"optimizer '{cfg['name']}' trains hidden matrices, and this model has none left "
-            f"after routing (exclude={list(routing.get('exclude', ()))})"
+            f"after routing (exclude={list(routing.get('exclude', ()))}, "
+            f"require_2d={bool(routing.get('require_2d', False))})"
         )
     main = spec.cls()(hidden, **kw)
     if not rest:
@@ -141,5 +150,3 @@ def build_optimizer(
         raise ValueError(f"companion optimizer must be a plain one, not '{comp_cfg['name']}'")
     companion = _build_plain(comp_spec, model, rest, _kwargs(comp_cfg))
     return Hybrid(main, companion)
-
-

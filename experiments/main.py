@@ -40,8 +40,12 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
                 return read_json(run_dir / "summary.json")
             raise
         log.info("run directory: %s", run_dir)
-        record.update(metric=task.metric, metric_split=task.metric_split,
-                      lower_is_better=task.lower_is_better, target=task.target)
+        record.update(
+            metric=task.metric,
+            metric_split=task.metric_split,
+            lower_is_better=task.lower_is_better,
+            target=task.target,
+        )
     sinks = []
     trainer = Trainer(cfg, task, record, run_dir, device, d)
     try:
@@ -78,6 +82,11 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     notes = list(record.summary.get("notes") or [])
     record.update(notes=notes + [n for n in task.notes if n not in notes])
     summary = record.close(status, error)
-    log.info("status %s; %s=%s (best %s)", status, summary["metric"], summary["final_metric"],
-             summary["best_metric"])
+    log.info(
+        "status %s; %s=%s (best %s)",
+        status,
+        summary["metric"],
+        summary["final_metric"],
+        summary["best_metric"],
+    )
     return summary

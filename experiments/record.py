@@ -49,9 +49,14 @@ def run_dir_for(cfg: DictConfig) -> Path:
     if cfg.run.get("dir"):
         return Path(str(cfg.run.dir))
     leaf = f"{cfg.scale}-s{cfg.seed}-{config_hash(cfg)}"
-    return Path(str(cfg.paths.out_dir)) / "runs" / str(cfg.name) / str(cfg.task.name) / str(
-        cfg.optim.name
-    ) / leaf
+    return (
+        Path(str(cfg.paths.out_dir))
+        / "runs"
+        / str(cfg.name)
+        / str(cfg.task.name)
+        / str(cfg.optim.name)
+        / leaf
+    )
 
 
 def existing_status(run_dir: Path) -> str | None:
@@ -103,8 +108,12 @@ class RunRecord:
         else:
             summary = {k: None for k in SUMMARY_FIELDS}
             summary.update(
-                name=str(cfg.name), task=str(cfg.task.name), optim=str(cfg.optim.name),
-                scale=str(cfg.scale), seed=int(cfg.seed), notes=[],
+                name=str(cfg.name),
+                task=str(cfg.task.name),
+                optim=str(cfg.optim.name),
+                scale=str(cfg.scale),
+                seed=int(cfg.seed),
+                notes=[],
             )
         summary["status"] = "running"
         rec = cls(run_dir, summary, resumed)
@@ -117,7 +126,9 @@ class RunRecord:
     def wall_time(self) -> float:
         return self._wall_before + time.perf_counter() - self._t0
 
-    def log(self, step: int, epoch: float, samples: int, split: str, metrics: dict[str, float]) -> None:
+    def log(
+        self, step: int, epoch: float, samples: int, split: str, metrics: dict[str, float]
+    ) -> None:
         self.metrics.write(step, epoch, samples, self.wall_time(), split, metrics)
 
     def truncate_after(self, step: int) -> None:

@@ -4,7 +4,7 @@ One directory per run, never overwritten, every file written atomically::
 
     <run_dir>/
         config.yaml     resolved Hydra config
-        meta.json       git sha + dirty flag, package versions, device, host, command line, start time
+        meta.json       git sha + dirty flag, package versions, device, host, command, start time
         metrics.csv     long format: step,epoch,samples_or_tokens,wall_time_s,split,metric,value
         summary.json    status (ok | diverged | failed | preempted | running), final / best primary
                         metric, steps, wall time, mean optimizer-step ms, peak memory,
@@ -40,13 +40,16 @@ FINISHED = ("ok", "diverged", "failed")
 SUMMARY_FIELDS = {
     "status": "ok | diverged | failed | preempted | running",
     "name": "experiment name (config key `name`)",
-    "task": "task name", "optim": "optimizer name", "scale": "smoke | small | paper",
+    "task": "task name",
+    "optim": "optimizer name",
+    "scale": "smoke | small | paper",
     "seed": "int",
     "metric": "primary metric name, e.g. accuracy, val_loss, perplexity, fid, return",
     "metric_split": "split of the metrics.csv rows that hold the primary metric (val | test)",
     "lower_is_better": "bool",
     "final_metric": "primary metric at the last evaluation",
-    "best_metric": "best primary metric over evaluations", "best_step": "its step",
+    "best_metric": "best primary metric over evaluations",
+    "best_step": "its step",
     "target": "the task's target value for time-to-target (None: no target)",
     "steps_to_target": "first evaluated step reaching the target (None: never)",
     "time_to_target_s": "wall time at that step",
@@ -62,8 +65,15 @@ SUMMARY_FIELDS = {
     "notes": "list of plain-language remarks (e.g. substitute data, untrained start)",
 }
 PACKAGES = (
-    "torch", "numpy", "transformers", "pytorch_optimizer", "hydra-core", "omegaconf",
-    "stable_baselines3", "gymnasium", "pisa-bench",
+    "torch",
+    "numpy",
+    "transformers",
+    "pytorch_optimizer",
+    "hydra-core",
+    "omegaconf",
+    "stable_baselines3",
+    "gymnasium",
+    "pisa-bench",
 )
 
 
@@ -176,8 +186,15 @@ class MetricsWriter:
     ) -> None:
         for name, value in metrics.items():
             self._w.writerow(
-                [step, f"{epoch:.6g}", samples_or_tokens, f"{wall_time_s:.4f}", split, name,
-                 repr(float(value))]
+                [
+                    step,
+                    f"{epoch:.6g}",
+                    samples_or_tokens,
+                    f"{wall_time_s:.4f}",
+                    split,
+                    name,
+                    repr(float(value)),
+                ]
             )
         self._f.flush()
 

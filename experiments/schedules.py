@@ -1,4 +1,4 @@
-"""Learning-rate schedules as multipliers of the initial lr, for ``torch.optim.lr_scheduler.LambdaLR``.
+"""Learning-rate schedules as multipliers of the initial lr (``torch.optim.lr_scheduler.LambdaLR``).
 
 Every schedule is written in fractions of the run's budget so that one config serves the
 smoke, small and paper scales. With ``T`` total steps, warm-up ``W`` (``warmup_steps`` or
@@ -29,11 +29,11 @@ def lr_multiplier(spec: Mapping[str, Any], total_steps: int) -> Callable[[int], 
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule '{name}'; choose one of {', '.join(SCHEDULES)}")
     total = max(int(total_steps), 1)
-    warm = int(spec.get("warmup_steps") or 0) or int(round(float(spec.get("warmup_frac") or 0) * total))
+    warm = int(spec.get("warmup_steps") or 0) or round(float(spec.get("warmup_frac") or 0) * total)
     min_frac = float(spec.get("min_frac", 0.0))
     gamma = float(spec.get("gamma", 0.1))
-    milestones = [int(round(float(f) * total)) for f in spec.get("milestones_frac", [])]
-    warmdown = int(round(float(spec.get("warmdown_frac", 0.0)) * total))
+    milestones = [round(float(f) * total) for f in spec.get("milestones_frac", [])]
+    warmdown = round(float(spec.get("warmdown_frac", 0.0)) * total)
 
     def f(t: int) -> float:
         if warm and t < warm:

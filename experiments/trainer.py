@@ -20,6 +20,7 @@ Services for tasks with their own loop (GAN, RL, federated): :meth:`make_optimiz
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -35,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from baselines import build_optimizer, optimizer_needs
+from baselines import Incompatible, build_optimizer, optimizer_needs
 from experiments.record import RunRecord
 from experiments.rundir import atomic_save_torch
 from experiments.runtime import (
@@ -96,10 +97,8 @@ class Trainer:
     # --- signals --------------------------------------------------------------------------
     def __enter__(self) -> Trainer:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: no handler
                 self._handlers[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread
-                pass
         reset_peak_memory(self.device)
         return self
 
@@ -116,15 +115,21 @@ class Trainer:
     def stop_requested(self) -> bool:
         """True once a stop was asked (signal, or ``train.preempt_at_step`` reached)."""
         at = self.tc.get("preempt_at_step")
-        return self._stop or (at is not None and self.step >= int(at) and self.step < self.max_steps)
+        return self._stop or (
+            at is not None and self.step == int(at) and self.step < self.max_steps
+        )
 
     # --- services -------------------------------------------------------------------------
-    def make_optimizer(self, model: nn.Module, optim_cfg: DictConfig | None = None) -> torch.optim.Optimizer:
+    def make_optimizer(
+        self, model: nn.Module, optim_cfg: DictConfig | None = None
+    ) -> torch.optim.Optimizer:
         ocfg = self.cfg.optim if optim_cfg is None else optim_cfg
         opt = build_optimizer(model, ocfg, distributed=self.dist.world > 1)
         return opt
 
-    def make_scheduler(self, opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def make_scheduler(
+        self, opt: torch.optim.Optimizer, total_steps: int
+    ) -> torch.optim.lr_scheduler.LambdaLR:
         spec = OmegaConf.to_container(self.tc.schedule, resolve=True)
         assert isinstance(spec, dict)
         return torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(spec, total_steps))
@@ -165,7 +170,9 @@ class Trainer:
         self.log(task.metric_split, metrics)
         value = float(metrics[task.metric])
         self.check_finite(value, task.metric)
-        better = self.best is None or (value < self.best if task.lower_is_better else value > self.best)
+        better = self.best is None or (
+            value < self.best if task.lower_is_better else value > self.best
+        )
         if self.record is None:
             if better:
                 self.best = value
@@ -176,7 +183,9 @@ class Trainer:
             self.best = value
             rec.update(best_metric=value, best_step=self.step)
         target = task.target
-        reached = target is not None and (value <= target if task.lower_is_better else value >= target)
+        reached = target is not None and (
+            value <= target if task.lower_is_better else value >= target
+        )
         if reached and rec.summary.get("steps_to_target") is None:
             rec.update(steps_to_target=self.step, time_to_target_s=round(rec.wall_time(), 3))
         self._progress_note(f"{task.metric}={value:.4g}")
@@ -185,8 +194,13 @@ class Trainer:
         """A tqdm bar when interactive (``train.progress``: auto | true | false)."""
         setting = str(self.tc.get("progress", "auto")).lower()
         show = setting == "true" or (setting == "auto" and sys.stderr.isatty())
-        self._bar = tqdm(total=total, initial=initial, disable=not show or not self.dist.is_main,
-                         desc=f"{self.task.tcfg.name}/{self.cfg.optim.name}", dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            disable=not show or not self.dist.is_main,
+            desc=f"{self.task.tcfg.name}/{self.cfg.optim.name}",
+            dynamic_ncols=True,
+        )
         return self._bar
 
     def _progress_note(self, text: str) -> None:
@@ -201,12 +215,16 @@ class Trainer:
         return self.run_dir / "ckpt" / f"rank{self.dist.rank}.pt"
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Save ``state`` (models, optimizers, ...) with the trainer position and RNG, atomically."""
+        """Save ``state`` (models, optimizers, ...), the trainer position and RNG, atomically."""
         full = {
             "user": state,
             "trainer": {
-                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "samples": self.samples, "opt_time": self._opt_time, "opt_steps": self._opt_steps,
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "samples": self.samples,
+                "opt_time": self._opt_time,
+                "opt_steps": self._opt_steps,
                 "best": self.best,
                 "wall_time_s": self.record.wall_time() if self.record is not None else None,
                 "summary": dict(self.record.summary) if self.record is not None else None,
@@ -268,11 +286,13 @@ class Trainer:
         spe = self.task.steps_per_epoch()
         if epochs is not None:
             if spe is None:
-                raise ValueError(f"train.epochs is set but task {self.task.tcfg.name} has no epoch length")
-            return int(math.ceil(float(epochs) * spe))
+                raise ValueError(
+                    f"train.epochs is set but task {self.task.tcfg.name} has no epoch length"
+                )
+            return math.ceil(float(epochs) * spe)
         return int(self.tc.max_steps)
 
-    def _batches(self) -> Iterator[Any]:
+    def batches(self) -> Iterator[Any]:
         """Endless batches from the current position, skipping those done before a resume."""
         while True:
             empty = True
@@ -307,7 +327,7 @@ class Trainer:
         opt = self.make_optimizer(model)
         needs = optimizer_needs(self.cfg.optim)
         if "closure" in needs:
-            raise ValueError(
+            raise Incompatible(
                 f"optimizer '{self.cfg.optim.name}' needs a closure, which task "
                 f"'{task.tcfg.name}' does not provide"
             )
@@ -328,11 +348,14 @@ class Trainer:
         ckpt_every = int(tc.ckpt_every or 0)
 
         def ckpt_state() -> dict[str, Any]:
-            return {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict()}
+            return {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+            }
 
         bar = self.progress(total, initial=self.step)
-        batches = self._batches()
+        batches = self.batches()
         while self.step < total:
             batch = next(batches)
             n_batch = task.count(batch)

@@ -30,3 +30,11 @@ def run_cfg(tmp_path: Path) -> Callable[..., tuple[dict[str, Any], Path]]:
 @pytest.fixture(autouse=True)
 def _quiet_logs() -> None:
     logging.getLogger("pisa-bench").setLevel(logging.WARNING)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> None:
+    """Smoke-size tensors run fastest on one thread (and shared CI cores stay responsive)."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -13,8 +13,14 @@ import pytest
 from experiments.rundir import read_json, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = ["task=quickstart_mnist", "scale=smoke", "train.max_steps=4", "train.log_every=1",
-        "train.eval_every=2", "train.batch_size=16"]
+BASE = [
+    "task=quickstart_mnist",
+    "scale=smoke",
+    "train.max_steps=4",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.batch_size=16",
+]
 
 
 def _free_port() -> int:
@@ -25,9 +31,17 @@ def _free_port() -> int:
 
 def _torchrun(overrides: list[str], out: Path) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PISA_OUT_DIR": str(out)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(ROOT / "run.py"),
-           *overrides, "hydra.run.dir=" + str(out / "hydra")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "--master_addr=127.0.0.1",
+        str(ROOT / "run.py"),
+        *overrides,
+        "hydra.run.dir=" + str(out / "hydra"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (summary,) = out.glob("runs/**/summary.json")
@@ -35,17 +49,25 @@ def _torchrun(overrides: list[str], out: Path) -> Path:
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return [r["value"] for r in read_metrics(run_dir / "metrics.csv")
-            if r["split"] == "train" and r["metric"] == "loss"]
+    return [
+        r["value"]
+        for r in read_metrics(run_dir / "metrics.csv")
+        if r["split"] == "train" and r["metric"] == "loss"
+    ]
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("optim", "single"), [
-    ("sisa", ["optim.n_workers=2"]),
-    ("nsisa", ["optim.n_workers=2"]),
-    ("adamw", []),
-])
-def test_torchrun_matches_single_process(optim: str, single: list[str], run_cfg, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("optim", "single"),
+    [
+        ("sisa", ["optim.n_workers=2"]),
+        ("nsisa", ["optim.n_workers=2"]),
+        ("adamw", []),
+    ],
+)
+def test_torchrun_matches_single_process(
+    optim: str, single: list[str], run_cfg, tmp_path: Path
+) -> None:
     dist_dir = _torchrun([*BASE, f"optim={optim}"], tmp_path / "dist")
     summary = read_json(dist_dir / "summary.json")
     assert summary["status"] == "ok", summary

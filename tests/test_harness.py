@@ -17,8 +17,13 @@ from experiments.rundir import read_metrics
 from experiments.schedules import lr_multiplier
 from experiments.tasks.base import DatasetMissing
 
-QUICK = ["task=quickstart_mnist", "scale=smoke", "train.max_steps=6", "train.log_every=1",
-         "train.eval_every=2"]
+QUICK = [
+    "task=quickstart_mnist",
+    "scale=smoke",
+    "train.max_steps=6",
+    "train.log_every=1",
+    "train.eval_every=2",
+]
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
@@ -50,8 +55,14 @@ def test_unknown_optimizer_lists_choices() -> None:
 def test_missing_dataset_names_files_and_path(run_cfg, tmp_path: Path) -> None:
     empty = tmp_path / "no_data"
     with pytest.raises(DatasetMissing) as e:
-        run_cfg(["task=quickstart_mnist", "task.data.name=fashion_mnist", "optim=adamw",
-                 f"paths.data_dir={empty}"])
+        run_cfg(
+            [
+                "task=quickstart_mnist",
+                "task.data.name=fashion_mnist",
+                "optim=adamw",
+                f"paths.data_dir={empty}",
+            ]
+        )
     msg = str(e.value)
     assert str(empty / "fashion-mnist" / "train-images-idx3-ubyte.gz") in msg
     assert "paths.data_dir" in msg and "PISA_DATA_DIR" in msg
@@ -59,15 +70,21 @@ def test_missing_dataset_names_files_and_path(run_cfg, tmp_path: Path) -> None:
 
 def test_failed_run_is_recorded(run_cfg, tmp_path: Path) -> None:
     with pytest.raises(DatasetMissing):
-        run_cfg(["task=quickstart_mnist", "task.data.name=fashion_mnist", "optim=adamw",
-                 f"paths.data_dir={tmp_path / 'none'}"])
+        run_cfg(
+            [
+                "task=quickstart_mnist",
+                "task.data.name=fashion_mnist",
+                "optim=adamw",
+                f"paths.data_dir={tmp_path / 'none'}",
+            ]
+        )
     (summary_path,) = tmp_path.glob("runs/**/summary.json")
     summary = json.loads(summary_path.read_text())
     assert summary["status"] == "failed" and "fashion-mnist" in summary["error"]
 
 
 def test_nan_run_is_recorded_as_diverged(run_cfg) -> None:
-    summary, run_dir = run_cfg([*QUICK, "optim=sgdm", "optim.lr=1e30", "optim.weight_decay=0"])
+    summary, _ = run_cfg([*QUICK, "optim=sgdm", "optim.lr=1e30", "optim.weight_decay=0"])
     assert summary["status"] == "diverged"
     assert isinstance(summary["diverged_step"], int) and 1 <= summary["diverged_step"] <= 6
     assert "step" in summary["error"]
@@ -85,7 +102,10 @@ def test_resume_continuity(optim: str, run_cfg, tmp_path: Path) -> None:
     assert resumed_dir == part_dir and resumed["status"] == "ok"
 
     def values(d: Path) -> list[tuple[int, str, str, float]]:
-        return [(r["step"], r["split"], r["metric"], r["value"]) for r in read_metrics(d / "metrics.csv")]
+        return [
+            (r["step"], r["split"], r["metric"], r["value"])
+            for r in read_metrics(d / "metrics.csv")
+        ]
 
     assert values(resumed_dir) == values(full_dir)
     assert resumed["final_metric"] == full["final_metric"]
@@ -105,7 +125,9 @@ def test_finished_run_is_never_overwritten(run_cfg) -> None:
 
 
 def test_refuse_does_not_resume_unfinished(tmp_path: Path) -> None:
-    cfg = compose_config([f"paths.out_dir={tmp_path}", *QUICK, "optim=adamw", "run.if_exists=refuse"])
+    cfg = compose_config(
+        [f"paths.out_dir={tmp_path}", *QUICK, "optim=adamw", "run.if_exists=refuse"]
+    )
     rec = RunRecord.open(cfg, "cpu")
     rec.metrics.close()
     with pytest.raises(RunExists):
@@ -117,8 +139,15 @@ def test_sigterm_checkpoints_and_marks_preempted(run_cfg) -> None:
     timer = threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGTERM))
     timer.start()
     try:
-        summary, run_dir = run_cfg(["task=quickstart_mnist", "scale=smoke", "optim=adamw",
-                                    "train.max_steps=100000", "train.eval_every=0"])
+        summary, run_dir = run_cfg(
+            [
+                "task=quickstart_mnist",
+                "scale=smoke",
+                "optim=adamw",
+                "train.max_steps=100000",
+                "train.eval_every=0",
+            ]
+        )
     finally:
         timer.cancel()
     assert summary["status"] == "preempted"

@@ -8,17 +8,29 @@ import math
 import pytest
 import yaml
 
+from baselines import Incompatible
 from experiments.config import group_options
 from experiments.rundir import METRIC_COLUMNS, SUMMARY_FIELDS, read_metrics
 
 TASKS = group_options("task")
 OPTIMS = group_options("optim")
+# Pairs refused before any step, with the reason: torch's Muon takes 2-D matrices only and the
+# DCGAN critic/generator are all convolutions.
+REFUSED = {
+    ("wgan_cifar10", "muon"): "has none left after routing",
+    ("wgan_gp_cifar10", "muon"): "has none left after routing",
+}
 
 
 @pytest.mark.parametrize("optim", OPTIMS)
 @pytest.mark.parametrize("task", TASKS)
 def test_smoke(task: str, optim: str, run_cfg) -> None:
-    summary, run_dir = run_cfg([f"task={task}", f"optim={optim}", "scale=smoke"])
+    overrides = [f"task={task}", f"optim={optim}", "scale=smoke"]
+    if (task, optim) in REFUSED:
+        with pytest.raises(Incompatible, match=REFUSED[task, optim]):
+            run_cfg(overrides)
+        return
+    summary, run_dir = run_cfg(overrides)
     assert summary["status"] in ("ok", "diverged"), summary.get("error")
     assert set(SUMMARY_FIELDS) <= set(summary)
     assert summary["task"] == task and summary["optim"] == optim and summary["scale"] == "smoke"
@@ -30,9 +42,13 @@ def test_smoke(task: str, optim: str, run_cfg) -> None:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["task"]["name"] == task and cfg["optim"]["name"] == optim
     meta = json.loads((run_dir / "meta.json").read_text())
-    assert {"git_sha", "git_dirty", "packages", "device", "host", "command", "start_time"} <= set(meta)
+    assert {"git_sha", "git_dirty", "packages", "device", "host", "command", "start_time"} <= set(
+        meta
+    )
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert tuple(header) == METRIC_COLUMNS
     rows = read_metrics(run_dir / "metrics.csv")
-    assert any(r["metric"] == summary["metric"] and r["split"] == summary["metric_split"] for r in rows)
+    assert any(
+        r["metric"] == summary["metric"] and r["split"] == summary["metric_split"] for r in rows
+    )
     assert not list(run_dir.glob(".*.tmp")), "a temporary file was left behind"

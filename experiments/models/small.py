@@ -23,8 +23,12 @@ class SmallCNN(nn.Module):
         super().__init__()
         c1, c2 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, c1, kernel, padding=kernel // 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, kernel, padding=kernel // 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         side = image_size // 4
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(c2 * side * side, hidden), nn.ReLU())
@@ -37,7 +41,9 @@ class SmallCNN(nn.Module):
 class MLP(nn.Module):
     """Fully connected ReLU network ``in -> hidden[0] -> ... -> num_classes``."""
 
-    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (32, 16, 8)) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, hidden: Sequence[int] = (32, 16, 8)
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         d = in_features

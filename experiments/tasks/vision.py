@@ -32,8 +32,12 @@ def augment(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.
         dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
         rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-        x = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
-                   rows, cols]
+        x = padded[
+            torch.arange(n)[:, None, None, None],
+            torch.arange(x.shape[1])[None, :, None, None],
+            rows,
+            cols,
+        ]
     if flip:
         mask = torch.rand(n, generator=g) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
@@ -54,8 +58,12 @@ class ImageClassification(Task):
 
     def build_model(self) -> nn.Module:
         x = self.data.train_x
-        return build_model(self.tcfg.model, in_channels=x.shape[1], num_classes=self.data.num_classes,
-                           image_size=x.shape[-1])
+        return build_model(
+            self.tcfg.model,
+            in_channels=x.shape[1],
+            num_classes=self.data.num_classes,
+            image_size=x.shape[-1],
+        )
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255.0 - self.mean) / self.std
@@ -78,7 +86,9 @@ class ImageClassification(Task):
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(model(x), y, label_smoothing=float(self.tcfg.get("label_smoothing", 0.0)))
+        return F.cross_entropy(
+            model(x), y, label_smoothing=float(self.tcfg.get("label_smoothing", 0.0))
+        )
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         bs = int(self.cfg.train.eval_batch_size)

@@ -1,0 +1,300 @@
+"""GAN (WGAN / WGAN-GP, FID) and RL (SB3 PPO / A2C with our optimizer) tasks."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from baselines import registry
+from experiments.config import compose_config, group_options
+from experiments.fid import (
+    InceptionExtractor,
+    fid_from_features,
+    frechet_distance,
+    resolve_extractor,
+)
+from experiments.rundir import read_metrics
+from experiments.runtime import Dist
+from experiments.tasks import build_task
+from experiments.tasks.gan import clip_weights, gradient_penalty
+from experiments.trainer import Trainer
+
+CPU = torch.device("cpu")
+
+
+# --- Fréchet distance ------------------------------------------------------------------------
+def _spd(d: int, rng: np.random.Generator) -> np.ndarray:
+    a = rng.normal(size=(d, d))
+    return a @ a.T + d * np.eye(d)
+
+
+def test_frechet_distance_diagonal_closed_form() -> None:
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    a, b = rng.uniform(0.5, 2, size=5), rng.uniform(0.5, 2, size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(a + b - 2 * np.sqrt(a * b))
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_scaled_covariance_closed_form() -> None:
+    # S2 = c^2 S1 (not diagonal): sqrt(S1 S2) = c S1, FD = ||dmu||^2 + (1 - c)^2 tr(S1)
+    rng = np.random.default_rng(1)
+    s1 = _spd(6, rng)
+    mu1, mu2, c = rng.normal(size=6), rng.normal(size=6), 1.7
+    expected = np.sum((mu1 - mu2) ** 2) + (1 - c) ** 2 * np.trace(s1)
+    assert frechet_distance(mu1, s1, mu2, c**2 * s1) == pytest.approx(expected, rel=1e-8)
+
+
+def test_fid_of_features_against_themselves_and_a_mean_shift() -> None:
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(400, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    assert abs(fid_from_features(f, f)) < 1e-6
+    shifts = [0.1, 0.5, 2.0]
+    values = [fid_from_features(f, f + s) for s in shifts]
+    assert values == sorted(values) and values[0] > 0
+    for s, v in zip(shifts, values):  # same covariance: FD = ||shift||^2 = 8 s^2
+        assert v == pytest.approx(8 * s**2, rel=1e-6, abs=1e-6)
+
+
+def test_inception_extractor_needs_its_file_and_auto_falls_back(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="Inception FID network is not available"):
+        InceptionExtractor(tmp_path / "inception-2015-12-05.pt", CPU, 8)
+    assert resolve_extractor("auto", None) == "classifier"
+    assert resolve_extractor("auto", str(tmp_path / "absent.pt")) == "classifier"
+    (tmp_path / "present.pt").write_bytes(b"")
+    assert resolve_extractor("auto", str(tmp_path / "present.pt")) == "inception"
+    with pytest.raises(ValueError):
+        resolve_extractor("inceptionv3", None)
+
+
+def test_fid_metric_name_says_which_network(tmp_path: Path) -> None:
+    base = [f"paths.out_dir={tmp_path}", "task=wgan_cifar10", "optim=adamw", "scale=smoke"]
+    task = build_task(compose_config(base), CPU)
+    assert task.metric == "fid_classifier"
+    task = build_task(compose_config([*base, "task.fid.extractor=inception"]), CPU)
+    assert task.metric == "fid_inception"
+    with pytest.raises(FileNotFoundError, match="fid_classifier"):
+        task.setup()  # no Inception file here: a clear error, never a silent substitute
+
+
+# --- WGAN / WGAN-GP ----------------------------------------------------------------------------
+def test_gradient_penalty_of_a_linear_critic() -> None:
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Flatten(), nn.Linear(12, 1))
+    real, fake = torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)
+    w = critic[1].weight.detach()
+    expected = (w.norm() - 1) ** 2  # grad_x (w.x + b) = w at every point
+    assert gradient_penalty(critic, real, fake).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_gradient_penalty_of_a_quadratic_critic() -> None:
+    # D(x) = ||x||^2 / 2: grad = x at the interpolate a real + (1 - a) fake
+    real, fake = torch.randn(4, 1, 3, 3), torch.randn(4, 1, 3, 3)
+    alpha = torch.tensor([0.0, 0.25, 0.5, 1.0])
+
+    def critic(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (x**2).flatten(1).sum(1)
+
+    x_hat = alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake
+    expected = ((x_hat.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    got = gradient_penalty(critic, real, fake, alpha)  # type: ignore[arg-type]
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert got.requires_grad  # the penalty can be back-propagated into the critic
+
+
+def test_clip_weights() -> None:
+    net = nn.Linear(10, 10)
+    nn.init.normal_(net.weight, std=1.0)
+    clip_weights(net, 0.01)
+    assert all(p.abs().max() <= 0.01 for p in net.parameters())
+
+
+def test_weight_clipping_keeps_the_trained_critic_in_range(run_cfg) -> None:
+    # lr 0.1 would move weights far beyond 0.01 without clipping
+    summary, run_dir = run_cfg(
+        ["task=wgan_cifar10", "optim=adamw", "scale=smoke", "optim.lr=0.1", "train.ckpt_every=1"]
+    )
+    assert summary["status"] == "ok", summary.get("error")
+    assert summary["metric"] == "fid_classifier"
+    assert any("NOT the Inception FID" in n for n in summary["notes"])
+    state = torch.load(run_dir / "ckpt" / "rank0.pt", weights_only=False)["user"]["model"]
+    critic = [
+        v
+        for k, v in state.items()
+        if k.startswith("critic.") and v.is_floating_point() and "running" not in k
+    ]
+    assert critic
+    top = max(float(v.abs().max()) for v in critic)
+    assert top == pytest.approx(0.01)  # at the bound: the clipping was active
+    gen = [v for k, v in state.items() if k.startswith("generator.") and "weight" in k]
+    assert max(float(v.abs().max()) for v in gen) > 0.01  # the generator is not clipped
+
+
+def test_wgan_gp_resume_reproduces_an_uninterrupted_run(run_cfg, tmp_path: Path) -> None:
+    base = ["task=wgan_gp_cifar10", "optim=adamw", "scale=smoke", "train.max_steps=4"]
+    full, _ = run_cfg([*base, f"run.dir={tmp_path / 'full'}"])
+    cut = [*base, f"run.dir={tmp_path / 'cut'}"]
+    first, _ = run_cfg([*cut, "train.preempt_at_step=2"])
+    assert first["status"] == "preempted" and first["steps"] == 2
+    second, _ = run_cfg(cut)
+    assert second["status"] == "ok" and second["steps"] == 4
+    assert second["final_metric"] == pytest.approx(full["final_metric"], rel=1e-6)
+
+
+# --- a stand-in virtual-worker optimizer (the PISA contract, checked) --------------------------
+class VirtualWorkers(torch.optim.Optimizer):
+    """SGD on the mean of m gradients, with the virtual-worker contract of the PISA family:
+    the parameters stay at the global weights during a round (checked at every step), the m-th
+    ``step()`` writes the new weights and sets ``round_done``."""
+
+    created: ClassVar[list[VirtualWorkers]] = []
+
+    def __init__(self, params, lr: float = 0.01, n_workers: int = 2, **_: object) -> None:
+        super().__init__(params, {"lr": lr})
+        self.n_workers, self.worker, self.round_done = n_workers, 0, True
+        self.rounds, self.steps, self.moved_in_round = 0, 0, 0
+        self.history: list[bool] = []
+        VirtualWorkers.created.append(self)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if self.worker == 0:
+            self._w = [p.clone() for p in params]
+            self._acc = [torch.zeros_like(p) for p in params]
+        elif any(not torch.equal(p, w) for p, w in zip(params, self._w)):
+            self.moved_in_round += 1
+        for a, p in zip(self._acc, params):
+            if p.grad is not None:
+                a += p.grad
+        self.worker += 1
+        self.steps += 1
+        self.round_done = self.worker == self.n_workers
+        if self.round_done:
+            for p, a in zip(params, self._acc):
+                p -= self.param_groups[0]["lr"] * a / self.n_workers
+            self.worker, self.rounds = 0, self.rounds + 1
+        self.history.append(self.round_done)
+
+
+@pytest.fixture
+def virtual_workers(monkeypatch: pytest.MonkeyPatch) -> list[VirtualWorkers]:
+    """Register :class:`VirtualWorkers` as optimizer ``vw`` (``optim=sgdm optim.name=vw``)."""
+    module = types.ModuleType("_vw_for_tests")
+    module.VirtualWorkers = VirtualWorkers  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "_vw_for_tests", module)
+    monkeypatch.setitem(registry.REGISTRY, "vw", registry.Spec("_vw_for_tests:VirtualWorkers"))
+    VirtualWorkers.created = []
+    return VirtualWorkers.created
+
+
+VW = ["optim=sgdm", "optim.name=vw", "optim.lr=0.01", "+optim.n_workers=2"]
+
+
+def test_wgan_splits_each_round_into_worker_sub_batches(run_cfg, virtual_workers) -> None:
+    summary, _ = run_cfg(["task=wgan_gp_cifar10", "scale=smoke", *VW])
+    assert summary["status"] == "ok", summary.get("error")
+    opt_d, opt_g = virtual_workers
+    for opt in (opt_d, opt_g):
+        assert opt.rounds == summary["steps"] == 3 and opt.steps == 6
+        assert opt.history == [False, True] * 3 and opt.moved_in_round == 0
+
+
+# --- RL ----------------------------------------------------------------------------------------
+def _rl_task(tmp_path: Path, overrides: list[str]):
+    cfg = compose_config(
+        [f"paths.out_dir={tmp_path}", "scale=smoke", f"run.dir={tmp_path / 'run'}", *overrides]
+    )
+    task = build_task(cfg, CPU)
+    trainer = Trainer(cfg, task, None, tmp_path / "run", CPU, Dist())
+    task.setup()
+    with trainer:
+        task.run(trainer)
+    return task, trainer
+
+
+def test_rl_run_logs_returns_against_env_steps(run_cfg) -> None:
+    summary, run_dir = run_cfg(
+        [
+            "task=ppo_mujoco",
+            "optim=adamw",
+            "scale=smoke",
+            "task.total_timesteps=256",
+            "task.eval.every_env_steps=64",
+        ]
+    )
+    assert summary["status"] == "ok", summary.get("error")
+    assert summary["metric"] == "return" and summary["lower_is_better"] is False
+    rows = read_metrics(run_dir / "metrics.csv")
+    evals = [r for r in rows if r["metric"] == "return" and r["split"] == summary["metric_split"]]
+    steps = [r["samples_or_tokens"] for r in evals]
+    assert len(steps) >= 4 and steps == sorted(set(steps)) and steps[-1] >= 256
+    assert any(r["metric"] == "episode_return" and r["split"] == "train" for r in rows)
+    assert any(r["metric"] == "policy_loss" for r in rows)
+    assert summary["samples_or_tokens"] >= 256 and summary["optimizer_state_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("optim", "cls"), [("adamw", torch.optim.AdamW), ("sgdm", torch.optim.SGD)]
+)
+def test_rl_uses_the_configured_optimizer(tmp_path: Path, optim: str, cls: type) -> None:
+    task, trainer = _rl_task(tmp_path, ["task=a2c_mujoco", f"optim={optim}"])
+    opt = task.agent.policy.optimizer
+    assert type(opt) is cls
+    assert opt.param_groups[0]["lr"] == pytest.approx(float(trainer.cfg.optim.lr))  # not SB3's
+    assert trainer.step == task.minibatch_steps == 16  # A2C: one step per rollout of 8 (128 steps)
+
+
+@pytest.mark.parametrize(("algo", "rounds"), [("a2c", 16), ("ppo", 4)])
+def test_rl_virtual_worker_round_every_two_minibatches(
+    tmp_path: Path, virtual_workers, algo: str, rounds: int
+) -> None:
+    task, trainer = _rl_task(tmp_path, [f"task={algo}_mujoco", *VW])
+    (opt,) = virtual_workers
+    assert task.agent.policy.optimizer is opt
+    assert opt.history == [False, True] * rounds  # a round completes every 2 minibatch steps
+    assert trainer.step == opt.rounds == rounds and task.minibatch_steps == 2 * rounds
+    assert opt.moved_in_round == 0  # every minibatch gradient was taken at the global weights
+
+
+@pytest.mark.skipif(
+    "sisa" not in group_options("optim"), reason="conf/optim/sisa.yaml not there yet"
+)
+def test_rl_with_sisa_two_workers(tmp_path: Path) -> None:
+    import pisa
+
+    task, trainer = _rl_task(tmp_path, ["task=ppo_mujoco", "optim=sisa", "optim.n_workers=2"])
+    opt = task.agent.policy.optimizer
+    assert type(opt) is pisa.SISA and opt.n_workers == 2
+    assert task.minibatch_steps == 8 and trainer.step == 4 and opt.round_done
+
+
+def test_rl_resume_continues_the_env_step_count(run_cfg, tmp_path: Path) -> None:
+    run = [
+        f"run.dir={tmp_path / 'rl'}",
+        "task=ppo_mujoco",
+        "optim=adamw",
+        "scale=smoke",
+        "task.total_timesteps=256",
+        "task.eval.every_env_steps=64",
+    ]
+    first, run_dir = run_cfg([*run, "train.preempt_at_step=4"])
+    assert first["status"] == "preempted" and first["steps"] == 4
+    cut = first["samples_or_tokens"]
+    assert 64 <= cut < 256
+    second, _ = run_cfg(run)
+    assert second["status"] == "ok", second.get("error")
+    rows = read_metrics(run_dir / "metrics.csv")
+    samples = [r["samples_or_tokens"] for r in rows]
+    assert samples == sorted(samples)  # no restart from 0
+    assert second["samples_or_tokens"] < 256 + cut  # the budget was not spent twice
+    assert second["steps"] == 16 and any(s > cut for s in samples)
+    assert len(json.loads((run_dir / "meta.json").read_text()).get("resumes", [])) == 1
