@@ -10,12 +10,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from experiments.main import execute
+from experiments.sweep import job_entry
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    return execute(cfg)
+    """One run (``experiments.main.execute``), requeue-safe under SLURM's time-limit signal."""
+    return job_entry(cfg)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         status, error = "diverged", str(e)
         if record is not None:
             record.update(diverged_step=e.step)
-    except (Preempted, KeyboardInterrupt) as e:
+    except (Preempted, KeyboardInterrupt, SystemExit) as e:
         log.warning("preempted: %s", e)
         status, error = "preempted", None
     except BaseException as e:

@@ -24,7 +24,7 @@ from experiments.rundir import (
 
 REPO = Path(__file__).resolve().parent.parent
 # Config keys that do not change what a run computes: left out of the run's identity.
-_NOT_IDENTITY = ("paths", "run", "logger", "hydra")
+_NOT_IDENTITY = ("paths", "run", "logger", "hydra", "reproduce")
 
 
 class RunExists(RuntimeError):

@@ -15,7 +15,7 @@ other optimizer gets its gradients averaged across ranks first (what DDP does).
 Services for tasks with their own loop (GAN, RL, federated): :meth:`make_optimizer`,
 :meth:`make_scheduler`, :meth:`optimizer_step` (timed), :meth:`log`, :meth:`record_eval`,
 :meth:`check_finite`, :meth:`save_checkpoint` / :meth:`load_checkpoint`,
-:meth:`stop_requested`, :meth:`progress`.
+:meth:`checkpoint_or_stop` (once per step), :meth:`progress`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +113,32 @@ class Trainer:
         self._stop = True
 
     def stop_requested(self) -> bool:
-        """True once a stop was asked (signal, or ``train.preempt_at_step`` reached)."""
+        """True once a stop was asked (signal, or ``train.preempt_at_step`` reached).
+
+        Under torchrun the ranks agree (one tiny all-reduce), so all stop at the same step.
+        Call it once per step (as :meth:`checkpoint_or_stop` does).
+        """
         at = self.tc.get("preempt_at_step")
-        return self._stop or (
+        stop = self._stop or (
             at is not None and self.step == int(at) and self.step < self.max_steps
         )
+        if self.dist.world > 1:
+            flag = torch.tensor([float(stop)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    def checkpoint_or_stop(self, state: Callable[[], dict[str, Any]], every: int) -> None:
+        """At the end of a step: checkpoint every ``every`` steps, and on a stop request
+        checkpoint and raise :class:`Preempted`."""
+        stop = self.stop_requested()
+        if (every and self.step % every == 0) or stop:
+            self.save_checkpoint(state())
+        if stop:
+            bar = getattr(self, "_bar", None)
+            if bar is not None:
+                bar.close()
+            raise Preempted(f"stopped at step {self.step}; resume with the same command")
 
     # --- services -------------------------------------------------------------------------
     def make_optimizer(
@@ -393,10 +414,6 @@ class Trainer:
                 model.eval()
                 with torch.no_grad(), autocast(self.device, tc.precision):
                     self.record_eval(task.evaluate(model))
-            if (ckpt_every and self.step % ckpt_every == 0) or self.stop_requested():
-                self.save_checkpoint(ckpt_state())
-            if self.stop_requested():
-                bar.close()
-                raise Preempted(f"stopped at step {self.step}; resume with the same command")
+            self.checkpoint_or_stop(ckpt_state, ckpt_every)
         bar.close()
         self.finish([opt], n_params)

@@ -52,7 +52,7 @@ from experiments.models.gan import DCGAN
 from experiments.runtime import autocast
 from experiments.tasks.base import Task, to_device
 from experiments.tasks.vision import epoch_generator
-from experiments.trainer import Preempted, Trainer
+from experiments.trainer import Trainer
 
 
 def gradient_penalty(
@@ -375,10 +375,6 @@ class WGAN(Task):
                 or trainer.step == total
             ):
                 trainer.record_eval(self.evaluate(model))
-            if (ckpt_every and trainer.step % ckpt_every == 0) or trainer.stop_requested():
-                trainer.save_checkpoint(ckpt_state())
-            if trainer.stop_requested():
-                bar.close()
-                raise Preempted(f"stopped at step {trainer.step}; resume with the same command")
+            trainer.checkpoint_or_stop(ckpt_state, ckpt_every)
         bar.close()
         trainer.finish([opt_d, opt_g], n_params)

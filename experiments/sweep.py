@@ -1,0 +1,492 @@
+"""Sweeps: expand an ``experiment=`` config into runs, drop finished ones, launch the rest.
+
+An experiment (``conf/experiment/<name>.yaml``) names its sweep the way Hydra's basic sweeper
+reads it, ``hydra.sweeper.params`` (``optim: sisa,adamw``, ``seed: 0,1,2``), so that
+``python run.py -m experiment=<name>`` runs it too. Its optional ``reproduce:`` block adds what
+a plain cartesian product cannot say (read by :func:`plan`, ignored by run.py)::
+
+    reproduce:
+      title: "Fig. 1: ..."                     # title of the rendered table / figures
+      sweeps:                                  # union of blocks, each a dict of sweep params
+        - {}                                   #   laid over hydra.sweeper.params ({}: as is)
+        - {task: gpt2_finetune, optim: "nsisa,adamw"}
+      scale_sweeps: {paper: [...]}             # blocks used instead of `sweeps` at that scale
+      lr_multipliers: [0.1, 0.316, 1, 3.16, 10]  # equal-budget lr grid (see expand_lr_grid)
+      split_task_by: {layers: task.model.num_layers}  # variants of one task: own table rows
+      split_optim_by: {method: fl.method}             # variants of one optimizer: own rows
+
+Every point is composed exactly as ``run.py`` would compose it, so its run directory
+(:func:`experiments.record.run_dir_for`) is known before anything runs. Points whose run is
+finished (status ok / diverged / failed) are skipped; points a live launcher is already running
+(the in-flight ledger under ``<out_dir>/runs/<name>/.inflight/``) are skipped too; the rest are
+launched: in this process one after the other (``local``) or as one job each through a Hydra
+launcher plugin (``submitit_local``, ``slurm``), the way Hydra's basic sweeper calls it. Running
+the same command again therefore relaunches exactly the incomplete runs, which resume from
+their checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.config import CONF_DIR
+from experiments.record import run_dir_for
+from experiments.rundir import FINISHED, atomic_write_json, read_json
+
+log = logging.getLogger("pisa-bench")
+
+LAUNCHERS = {"local": None, "submitit_local": "submitit_local", "slurm": "slurm"}
+INFLIGHT_DIR = ".inflight"
+
+
+# --- the plan ---------------------------------------------------------------------------------
+@dataclass
+class Point:
+    """One run of a sweep: its overrides (as on run.py's command line) and its run directory."""
+
+    overrides: list[str]
+    cfg: DictConfig
+    run_dir: Path
+    status: str | None = None  # summary.json status before launching (None: never started)
+    tags: dict[str, Any] = field(default_factory=dict)  # e.g. {"lr_mult": 0.1}
+
+    @property
+    def label(self) -> str:
+        c = self.cfg
+        extra = "".join(f" {k}={v}" for k, v in self.tags.items())
+        return f"{c.task.name}/{c.optim.name} {c.scale} seed={c.seed}{extra}"
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+    def command(self) -> str:
+        """The equivalent single-run command line."""
+        return "python run.py " + " ".join(_quote(o) for o in self.overrides)
+
+
+@dataclass
+class Plan:
+    """An experiment's points, split by what has to happen to them."""
+
+    experiment: str
+    name: str  # config `name` (first level of the run directories)
+    scale: str
+    out_dir: Path
+    base_overrides: list[str]  # experiment=, scale=, paths.out_dir= (common to every point)
+    task_overrides: list[str]  # base + the user's overrides (may hold sweeps: a,b)
+    hydra_overrides: list[str]  # hydra/... and hydra.... overrides (launcher settings)
+    meta: dict[str, Any]  # the experiment's `reproduce:` block
+    points: list[Point]
+    in_flight: dict[Path, dict[str, Any]] = field(default_factory=dict)  # run dir -> ledger entry
+
+    @property
+    def runs_root(self) -> Path:
+        return self.out_dir / "runs" / self.name
+
+    @property
+    def done(self) -> list[Point]:
+        return [p for p in self.points if p.finished]
+
+    @property
+    def busy(self) -> list[Point]:
+        return [p for p in self.points if not p.finished and p.run_dir in self.in_flight]
+
+    @property
+    def todo(self) -> list[Point]:
+        return [p for p in self.points if not p.finished and p.run_dir not in self.in_flight]
+
+    def refresh(self) -> None:
+        """Re-read every point's status and the in-flight ledger."""
+        for p in self.points:
+            p.status = _status(p.run_dir)
+        self.in_flight = read_in_flight(self.runs_root)
+
+    def describe(self) -> str:
+        counts: dict[str, int] = {}
+        for p in self.done:
+            counts[str(p.status)] = counts.get(str(p.status), 0) + 1
+        done = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        resumable = sum(1 for p in self.todo if p.status is not None)
+        parts = [f"{len(self.points)} runs in the sweep",
+                 f"{len(self.done)} already finished, skipped" + (f" ({done})" if done else ""),
+                 f"{len(self.todo)} to run" + (f" ({resumable} resume a checkpoint or restart)"
+                                              if resumable else "")]
+        if self.busy:
+            pids = sorted({str(e.get("pid")) for e in self.in_flight.values()})
+            parts.append(f"{len(self.busy)} in flight in another launcher (pid {', '.join(pids)})"
+                         ", skipped")
+        return f"{self.experiment} [{self.scale}]: " + "; ".join(parts)
+
+
+def _quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+def _status(run_dir: Path) -> str | None:
+    p = run_dir / "summary.json"
+    if not p.exists():
+        return None
+    try:
+        return read_json(p).get("status")
+    except (OSError, ValueError):
+        return "unreadable"
+
+
+def is_hydra_override(o: str) -> bool:
+    key = o.lstrip("+~")
+    return key.startswith(("hydra.", "hydra/"))
+
+
+@contextmanager
+def _composer() -> Iterator[Callable[..., DictConfig]]:
+    """``compose(overrides, with_hydra=False)`` inside one Hydra initialisation (fast)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+
+        def _compose(overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
+            return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+
+        yield _compose
+
+
+def _as_sweep_value(v: Any) -> str:
+    """A sweep param value as Hydra override text (``[1, 2]`` -> ``1,2``)."""
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def expand(params: dict[str, Any], arguments: Sequence[str]) -> list[list[str]]:
+    """The cartesian product of ``params`` (``key: "a,b"``) and ``arguments`` (overrides), in
+    the order and with the semantics of Hydra's basic sweeper (an argument replaces the param
+    of the same key)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    texts = [f"{k}={_as_sweep_value(v)}" for k, v in params.items()] + list(arguments)
+    overrides = OverridesParser.create().parse_overrides(texts)
+    (batch,) = BasicSweeper.split_arguments(overrides, None)
+    return [list(p) for p in batch]
+
+
+def _blocks(meta: dict[str, Any], scale: str) -> list[dict[str, Any]]:
+    by_scale = meta.get("scale_sweeps") or {}
+    blocks = by_scale.get(scale) if scale in by_scale else meta.get("sweeps")
+    return list(blocks) if blocks else [{}]
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def expand_lr_grid(
+    point: list[str], cfg: DictConfig, multipliers: Sequence[float]
+) -> list[tuple[list[str], dict[str, Any]]]:
+    """An equal-budget learning-rate grid: the same multiples of *each optimizer's own default*
+    lr (``optim.lr``, and ``optim.companion.lr`` for hybrid optimizers, scaled together), so
+    every optimizer gets the same number of trials around the value its config recommends."""
+    base = _get(cfg, "optim.lr")
+    if base is None:
+        raise ValueError(f"optimizer {cfg.optim.name} has no optim.lr to scale")
+    comp = _get(cfg, "optim.companion.lr")
+    out = []
+    for m in multipliers:
+        ovr = [*point, f"optim.lr={float(base) * float(m):.6g}"]
+        if comp is not None:
+            ovr.append(f"optim.companion.lr={float(comp) * float(m):.6g}")
+        out.append((ovr, {"lr_mult": float(m)}))
+    return out
+
+
+def plan(
+    experiment: str,
+    scale: str | None = None,
+    seeds: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+) -> Plan:
+    """Compose ``experiment=<experiment>`` and every point of its sweep; read their statuses.
+
+    ``overrides``: extra run.py overrides; ``key=a,b`` replaces that sweep dimension,
+    ``hydra...`` ones go to the launcher. ``seeds``: seeds 0..seeds-1 instead of the
+    experiment's. ``out_dir``: ``paths.out_dir`` (absolute, so that jobs elsewhere agree).
+    """
+    hydra_ovr = [o for o in overrides if is_hydra_override(o)]
+    base = [f"experiment={experiment}"]
+    if scale:
+        base.append(f"scale={scale}")
+    points: list[Point] = []
+    seen: set[Path] = set()
+    with _composer() as compose:
+        if out_dir is None:  # pin the configured out_dir as an absolute path (jobs agree)
+            out_dir = str(compose(base).paths.out_dir)
+        base.append(f"paths.out_dir={Path(out_dir).resolve()}")
+        args = [*base, *(o for o in overrides if not is_hydra_override(o))]
+        if seeds is not None:
+            if seeds < 1:
+                raise ValueError("--seeds must be >= 1")
+            args.append("seed=" + ",".join(str(s) for s in range(seeds)))
+        head = compose(base, with_hydra=True)  # hydra_ovr: applied by launch_hydra
+        params = OmegaConf.to_container(head.hydra.sweeper.params or {}, resolve=False)
+        assert isinstance(params, dict)
+        meta_node = head.get("reproduce")
+        meta = OmegaConf.to_container(meta_node, resolve=True) if meta_node is not None else {}
+        assert isinstance(meta, dict)
+        mults = meta.get("lr_multipliers")
+        for block in _blocks(meta, str(head.scale)):
+            block_params = {**params, **{str(k): v for k, v in dict(block).items()}}
+            for ovr in expand(block_params, args):
+                cfg = compose(ovr)
+                variants = expand_lr_grid(ovr, cfg, mults) if mults else [(ovr, {})]
+                for vo, tags in variants:
+                    vcfg = compose(vo) if mults else cfg
+                    rd = run_dir_for(vcfg)
+                    if rd in seen:  # the same run reached from two blocks
+                        continue
+                    seen.add(rd)
+                    points.append(Point(vo, vcfg, rd, _status(rd), tags))
+    p = Plan(experiment=experiment, name=str(head.name), scale=str(head.scale),
+             out_dir=Path(str(head.paths.out_dir)).resolve(), base_overrides=base,
+             task_overrides=args,
+             hydra_overrides=hydra_ovr, meta=meta, points=points)
+    p.in_flight = read_in_flight(p.runs_root)
+    return p
+
+
+def archive_failed(plan_: Plan) -> list[Path]:
+    """Move the directories of the plan's failed runs (runs are never overwritten) to
+    ``<out_dir>/runs/<name>/.failed/<time>/...`` (kept for inspection, ignored by collection),
+    so that they run afresh; returns the new locations."""
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    moved = []
+    for p in plan_.points:
+        if p.status != "failed":
+            continue
+        dest = plan_.runs_root / ".failed" / stamp / p.run_dir.relative_to(plan_.runs_root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        p.run_dir.rename(dest)
+        p.status = None
+        moved.append(dest)
+    return moved
+
+
+# --- the in-flight ledger ---------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_in_flight(runs_root: Path) -> dict[Path, dict[str, Any]]:
+    """Run dirs claimed by live launchers (stale entries of dead processes are removed)."""
+    out: dict[Path, dict[str, Any]] = {}
+    d = runs_root / INFLIGHT_DIR
+    if not d.is_dir():
+        return out
+    for f in sorted(d.glob("*.json")):
+        try:
+            entry = read_json(f)
+        except (OSError, ValueError):
+            continue
+        if entry.get("host") == socket.gethostname() and not _pid_alive(int(entry.get("pid", -1))):
+            f.unlink(missing_ok=True)  # its launcher is gone: its runs are fair game again
+            continue
+        if entry.get("pid") == os.getpid() and entry.get("host") == socket.gethostname():
+            continue
+        for r in entry.get("run_dirs", []):
+            out[Path(r)] = {**entry, "ledger": str(f)}
+    return out
+
+
+def claim(plan_: Plan, points: Sequence[Point], pid: int | None = None, **info: Any) -> Path:
+    """Write the ledger entry saying that process ``pid`` (default: this one) runs ``points``."""
+    pid = os.getpid() if pid is None else pid
+    d = plan_.runs_root / INFLIGHT_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{socket.gethostname()}-{pid}.json"
+    atomic_write_json(path, {
+        "pid": pid, "host": socket.gethostname(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv), **info,
+        "run_dirs": [str(p.run_dir) for p in points],
+    })
+    return path
+
+
+@contextmanager
+def in_flight(plan_: Plan, points: Sequence[Point], **info: Any) -> Iterator[Path]:
+    """Claim ``points`` for this process while it launches / waits for them."""
+    path = claim(plan_, points, **info)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# --- launching --------------------------------------------------------------------------------
+def launch_local(
+    points: Sequence[Point], echo: Callable[[str], None] = print
+) -> dict[str, int]:
+    """Run ``points`` one after the other in this process; returns counts per final status.
+
+    A failing run is recorded (status failed) and the sweep goes on; a preempted one (Ctrl-C,
+    SIGTERM) stops the sweep: the same command resumes it.
+    """
+    from experiments.main import execute
+
+    counts: dict[str, int] = {}
+    n = len(points)
+    for i, p in enumerate(points, 1):
+        how = "resume" if p.status is not None else "start"
+        echo(f"[{i}/{n}] {p.label} ({how}) ...")
+        t0 = time.perf_counter()
+        try:
+            summary = execute(p.cfg)
+            status = str(summary.get("status"))
+            detail = f"{summary.get('metric')}={_fmt(summary.get('final_metric'))}"
+        except Exception as e:  # recorded as failed by execute(); keep going
+            status, detail = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        counts[status] = counts.get(status, 0) + 1
+        echo(f"[{i}/{n}] {p.label}: {status}, {detail} ({time.perf_counter() - t0:.1f} s)")
+        if status == "preempted":
+            echo("interrupted: the run saved a checkpoint; run the same command to resume")
+            break
+    return counts
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
+
+
+def launch_hydra(
+    plan_: Plan, points: Sequence[Point], launcher: str, echo: Callable[[str], None] = print
+) -> dict[str, int]:
+    """Launch ``points`` as one job each through the Hydra launcher plugin ``launcher``
+    (``hydra/launcher=<launcher>``) and wait for them; returns counts per final status (read
+    back from the run directories, the record that survives requeues)."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.plugins import Plugins
+    from hydra.types import HydraContext, RunMode
+
+    hydra_ovr = [f"hydra/launcher={launcher}",
+                 *(o for o in plan_.hydra_overrides if not o.startswith("hydra/launcher="))]
+    GlobalHydra.instance().clear()
+    try:
+        hy = Hydra.create_main_hydra2(
+            task_name="run", config_search_path=create_config_search_path(f"file://{CONF_DIR}"))
+        cfg = hy.compose_config("config", overrides=[*hydra_ovr, *plan_.base_overrides],
+                                run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+        HydraConfig.instance().set_config(cfg)
+        sweep_dir = Path(str(cfg.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
+        echo(f"launching {len(points)} jobs with hydra/launcher={launcher}; job logs under "
+             f"{sweep_dir}/.submitit/")
+        ctx = HydraContext(config_loader=hy.config_loader, callbacks=Callbacks(cfg))
+        job_launcher = Plugins.instance().instantiate_launcher(
+            config=cfg, hydra_context=ctx, task_function=job_entry)
+        try:
+            with in_flight(plan_, points, launcher=launcher, sweep_dir=str(sweep_dir)):
+                job_launcher.launch([p.overrides for p in points], initial_job_idx=0)
+        except Exception as e:  # e.g. submitit's UncompletedJobError: report, read the records
+            echo(f"launcher error: {type(e).__name__}: {e}")
+    finally:
+        GlobalHydra.instance().clear()
+    counts: dict[str, int] = {}
+    for p in points:
+        s = str(_status(p.run_dir))
+        counts[s] = counts.get(s, 0) + 1
+    return counts
+
+
+# --- inside a launched job --------------------------------------------------------------------
+def _trainer_handles_sigterm() -> bool:
+    from experiments.trainer import Trainer
+
+    return isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), Trainer)
+
+
+def _export_torch_distributed() -> None:
+    """In a multi-task submitit job (``hydra.launcher.tasks_per_node`` > 1: one task per GPU),
+    export the torchrun variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) that
+    :func:`experiments.runtime.init_distributed` reads."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "WORLD_SIZE" in os.environ:
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def job_entry(cfg: DictConfig) -> dict[str, Any]:
+    """Task function of launcher jobs: :func:`experiments.main.execute` made requeue-safe.
+
+    SLURM sends SIGUSR2 ``signal_delay_s`` before a job's time limit (and on preemption where
+    the cluster is set up so); submitit's handler would checkpoint *the submission* and requeue
+    at once, killing the training mid-step without a checkpoint. Here USR2 is turned into the
+    trainer's own stop request (SIGTERM: checkpoint at the end of the step, status
+    ``preempted``); once execute() has returned, submitit's handler requeues the job, and the
+    requeued job resumes the run from ``ckpt/``. If the trainer is not running yet when USR2
+    comes, the request is forwarded as soon as it is; a run that finishes first just ends.
+    """
+    from experiments.main import execute
+
+    _export_torch_distributed()
+    if threading.current_thread() is not threading.main_thread():
+        return execute(cfg)
+    previous = signal.getsignal(signal.SIGUSR2)
+    asked: list[Any] = []
+    done = threading.Event()
+
+    def forward_when_training() -> None:
+        while not done.is_set():
+            if _trainer_handles_sigterm():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.2)
+
+    def on_usr2(signum: int, frame: Any) -> None:
+        log.warning("signal %d (time limit / preemption): checkpointing, then requeueing", signum)
+        if asked:
+            return
+        asked.append(frame)
+        if _trainer_handles_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            threading.Thread(target=forward_when_training, daemon=True).start()
+
+    signal.signal(signal.SIGUSR2, on_usr2)
+    try:
+        summary = execute(cfg)
+    finally:
+        done.set()
+        signal.signal(signal.SIGUSR2, previous)
+    if asked and summary.get("status") == "preempted" and callable(previous):
+        previous(signal.SIGUSR2, asked[0])  # submitit: requeue (or give up) and exit
+    return summary

@@ -1,0 +1,262 @@
+"""scripts/reproduce.py and experiments/sweep.py: expansion, the skip/resume filter, local runs,
+rendering, the equal-budget lr grid and the USR2 -> checkpoint bridge of launched jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from experiments.config import CONF_DIR, compose_config, group_options
+from experiments.record import run_dir_for
+from experiments.reproduce import main as reproduce
+from experiments.reproduce import relabel, tuning_table
+from experiments.rundir import atomic_write_json, read_json
+from experiments.sweep import archive_failed, claim, expand, job_entry, launch_local, plan
+
+SMOKE = ["--scale", "smoke"]
+
+
+def _summary(run_dir: Path) -> dict:
+    return read_json(run_dir / "summary.json")
+
+
+def test_quickstart_smoke_runs_renders_and_then_skips(tmp_path: Path, capsys) -> None:
+    args = ["quickstart", *SMOKE, "--out-dir", str(tmp_path / "out"),
+            "--results-dir", str(tmp_path / "results")]
+    assert reproduce(args) == 0
+    first = capsys.readouterr().out
+    assert "4 runs in the sweep; 0 already finished, skipped; 4 to run" in first
+    runs = sorted((tmp_path / "out" / "runs" / "quickstart").glob("quickstart_mnist/*/smoke-s0-*"))
+    assert [r.parent.name for r in runs] == ["adamw", "muon", "nsisa", "sisa"]
+    assert all(_summary(r)["status"] == "ok" for r in runs)
+    report = tmp_path / "results" / "quickstart_smoke"  # not the experiment's own scale
+    table = (report / "table.md").read_text()
+    assert all(f"| {o} |" in table for o in ("adamw", "muon", "nsisa", "sisa"))
+    assert "| sisa |" in first  # the table is printed
+    assert (report / "curves_steps.png").stat().st_size > 0
+    stamps = [(r / "summary.json").stat().st_mtime_ns for r in runs]
+    assert reproduce(args) == 0
+    second = capsys.readouterr().out
+    assert "4 already finished, skipped (4 ok); 0 to run" in second
+    assert "[1/" not in second  # nothing ran
+    assert [(r / "summary.json").stat().st_mtime_ns for r in runs] == stamps
+
+
+def test_only_incomplete_runs_are_relaunched(tmp_path: Path, run_cfg) -> None:
+    p = plan("quickstart", "smoke", 6, tmp_path, ["optim=adamw"])
+    assert [pt.cfg.seed for pt in p.points] == [0, 1, 2, 3, 4, 5]
+    ok, preempted, failed, crashed, fresh, busy = p.points
+    # seed 0 finished; seed 1 preempted at step 1 (preempt_at_step is not in the run's identity)
+    run_cfg(ok.overrides)
+    s, d = run_cfg([*preempted.overrides, "train.preempt_at_step=1"])
+    assert s["status"] == "preempted" and d == preempted.run_dir
+    # seed 2 failed, seed 3 died while running (no launcher alive), seed 5 held by a live launcher
+    for pt, status in ((failed, "failed"), (crashed, "running"), (busy, "running")):
+        pt.run_dir.mkdir(parents=True)
+        atomic_write_json(pt.run_dir / "summary.json", {"status": status})
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim(p, [busy], pid=holder.pid)
+        claim(p, [fresh], pid=2**22 + 12345)  # a dead launcher: its claim is dropped
+        again = plan("quickstart", "smoke", 6, tmp_path, ["optim=adamw"])
+        assert [pt.cfg.seed for pt in again.done] == [0, 2]
+        assert [pt.cfg.seed for pt in again.busy] == [5]
+        assert [pt.cfg.seed for pt in again.todo] == [1, 3, 4]
+        assert "2 already finished, skipped (1 failed, 1 ok); 3 to run" in again.describe()
+        counts = launch_local(again.todo, echo=lambda s: None)
+        assert counts == {"ok": 3}
+        assert read_json(preempted.run_dir / "meta.json").get("resumes")  # resumed, not redone
+        assert _summary(failed.run_dir) == {"status": "failed"}  # never touched
+        assert _summary(busy.run_dir) == {"status": "running"}
+    finally:
+        holder.kill()
+        holder.wait()
+    final = plan("quickstart", "smoke", 6, tmp_path, ["optim=adamw"])
+    assert not final.busy and [pt.cfg.seed for pt in final.todo] == [5]
+    (moved,) = archive_failed(final)  # --retry-failed: the failed run is moved aside, rerun
+    assert read_json(moved / "summary.json") == {"status": "failed"}
+    assert ".failed" in moved.parts and not failed.run_dir.exists()
+    assert [pt.cfg.seed for pt in final.todo] == [2, 5]
+
+
+def test_expand_follows_hydra_sweeper_semantics() -> None:
+    points = expand({"optim": "sisa,adamw", "seed": "0,1"}, ["experiment=quickstart",
+                                                             "optim=muon", "seed=range(2)"])
+    assert points == [["optim=muon", "seed=0", "experiment=quickstart"],
+                      ["optim=muon", "seed=1", "experiment=quickstart"]]
+
+
+def test_plan_overrides_seeds_and_dry_run(tmp_path: Path, capsys) -> None:
+    p = plan("quickstart", "smoke", 2, tmp_path, ["optim=adamw,sgdm", "train.max_steps=2",
+                                                 "hydra.launcher.timeout_min=5"])
+    assert [(pt.cfg.optim.name, pt.cfg.seed, pt.cfg.train.max_steps) for pt in p.points] == [
+        ("adamw", 0, 2), ("adamw", 1, 2), ("sgdm", 0, 2), ("sgdm", 1, 2)]
+    assert p.hydra_overrides == ["hydra.launcher.timeout_min=5"]
+    assert all(str(pt.run_dir).startswith(str(tmp_path.resolve())) for pt in p.points)
+    assert reproduce(["quickstart", "--scale", "smoke", "--out-dir", str(tmp_path), "--dry-run",
+                      "optim=adamw"]) == 0
+    out = capsys.readouterr().out
+    assert "python run.py optim=adamw seed=0 experiment=quickstart scale=smoke" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tune_grid_is_equal_budget(tmp_path: Path) -> None:
+    p = plan("tune_quickstart", "smoke", None, tmp_path)
+    mults = p.meta["lr_multipliers"]
+    by_optim: dict[str, list] = {}
+    for pt in p.points:
+        by_optim.setdefault(str(pt.cfg.optim.name), []).append(pt)
+    assert sorted(by_optim) == ["adamw", "muon", "nsisa", "sisa"]
+    for name, pts in by_optim.items():
+        assert len(pts) == len(mults) == 5  # the same number of trials for everyone
+        default = compose_config([f"optim={name}"]).optim
+        for pt, m in zip(pts, mults):
+            assert pt.tags == {"lr_mult": m}
+            assert pt.cfg.optim.lr == pytest.approx(default.lr * m, rel=1e-5)
+            if "companion" in default:
+                assert pt.cfg.optim.companion.lr == pytest.approx(default.companion.lr * m,
+                                                                  rel=1e-5)
+    assert len({pt.run_dir for pt in p.points}) == 20
+
+
+def test_tuning_table_picks_best_multiple() -> None:
+    rows = []
+    for optim, scores in (("adamw", {0.1: 90, 1.0: 95, 10.0: 20}), ("sisa", {0.1: 97, 1.0: 96})):
+        for m, v in scores.items():
+            rows.append({"task": "t", "scale": "small", "optim": optim, "lr_mult": m,
+                         "status": "ok", "final_metric": v, "metric": "accuracy",
+                         "lower_is_better": False, "optim.lr": 1e-3 * m, "run_dir": f"{optim}{m}"})
+    rows.append({**rows[0], "status": "diverged", "final_metric": None, "run_dir": "x"})
+    text, best = tuning_table(pd.DataFrame(rows))
+    assert sorted(best["run_dir"]) == ["adamw1.0", "sisa0.1"]
+    assert "| adamw | 0.001 | 90 (1/2) | **95 (1/1)** | 20 (1/1) | x1 |" in text
+    low = pd.DataFrame(rows).assign(lower_is_better=True)
+    assert sorted(tuning_table(low)[1]["run_dir"]) == ["adamw10.0", "sisa1.0"]
+
+
+GROUPS = ("task", "optim", "scale", "fl")
+
+
+def _sweep_blocks(data: dict) -> list[dict]:
+    params = ((data.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    meta = data.get("reproduce") or {}
+    blocks = [*(meta.get("sweeps") or [{}])]
+    for extra in (meta.get("scale_sweeps") or {}).values():
+        blocks += extra
+    return [{**params, **b} for b in blocks]
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_experiment_sweeps_name_existing_configs(experiment: str) -> None:
+    """Every task / optim / fl value an experiment sweeps over exists in conf/."""
+    data = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())
+    assert data.get("name") == experiment
+    missing = set()
+    for entry in data.get("defaults") or []:  # e.g. {"override /task": "vgg11_cifar10"}
+        for k, v in (entry.items() if isinstance(entry, dict) else ()):
+            group = k.split("/")[-1]
+            if group in GROUPS and v not in group_options(group):
+                missing.add(f"{group}={v}")
+    for block in _sweep_blocks(data):
+        for key in GROUPS:
+            if key in block:
+                for v in str(block[key]).split(","):
+                    if v.strip() not in group_options(key):
+                        missing.add(f"{key}={v.strip()}")
+    assert not missing, f"{experiment} sweeps over configs that do not exist: {sorted(missing)}"
+
+
+def test_job_entry_turns_usr2_into_a_checkpoint(tmp_path: Path) -> None:
+    """USR2 (SLURM's time-limit warning) makes the trainer checkpoint and stop (status
+    preempted); only then is the previous (submitit's requeue) handler called."""
+    cfg = compose_config(["scale=smoke", "optim=adamw", f"paths.out_dir={tmp_path}",
+                          "train.max_steps=100000", "train.log_every=1"])
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGUSR2, lambda s, f: calls.append(s))
+    run_dir = run_dir_for(cfg)
+
+    def send_when_training() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / "metrics.csv").exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    t = threading.Thread(target=send_when_training, daemon=True)
+    t.start()
+    try:
+        summary = job_entry(cfg)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    t.join()
+    assert summary["status"] == "preempted" and 0 < summary["steps"] < 100000
+    assert (run_dir / "ckpt" / "rank0.pt").exists()
+    assert calls == [signal.SIGUSR2]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "preempted"
+
+
+def test_relabel_gives_variants_their_own_rows(tmp_path: Path) -> None:
+    rows = []
+    for i, (optim, method, layers) in enumerate((("sisa", "admm", 1), ("sgdm", "fedprox", 2))):
+        d = tmp_path / str(i)
+        d.mkdir()
+        (d / "config.yaml").write_text(yaml.safe_dump(
+            {"fl": {"method": method}, "task": {"model": {"num_layers": layers}}}))
+        rows.append({"task": "t", "optim": optim, "run_dir": str(d)})
+    runs = pd.DataFrame(rows)
+    curves = pd.DataFrame({"run_dir": [str(tmp_path / "1")] * 2, "task": "t", "optim": "sgdm"})
+    relabel(runs, curves, {"split_optim_by": {"method": "fl.method"},
+                           "split_task_by": {"layers": "task.model.num_layers"}})
+    assert list(runs["optim"]) == ["sisa", "sgdm[method=fedprox]"]  # PISA family keeps its name
+    assert list(runs["task"]) == ["t[layers=1]", "t[layers=2]"]
+    assert set(curves["optim"]) == {"sgdm[method=fedprox]"}
+    assert set(curves["task"]) == {"t[layers=2]"}
+
+
+def test_no_wait_detaches_claims_and_finishes(tmp_path: Path, capsys) -> None:
+    """--no-wait: returns at once; the background launcher holds the runs (a second command
+    skips them as in flight), runs them (here with submitit_local) and renders."""
+    args = ["quickstart", *SMOKE, "--out-dir", str(tmp_path / "out"), "--results-dir",
+            str(tmp_path / "results"), "--launcher", "submitit_local", "optim=adamw"]
+    assert reproduce([*args, "--no-wait"]) == 0
+    out = capsys.readouterr().out
+    pid = int(out.split("background process ")[1].split()[0])
+    log = Path(out.split("log:")[1].split()[0])
+    try:
+        again = plan("quickstart", "smoke", None, tmp_path / "out", ["optim=adamw"])
+        if _alive(pid):  # still launching: its run must not be launched a second time
+            assert len(again.busy) == 1 and not again.todo
+        deadline = time.time() + 240
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _alive(pid), f"background launcher still running:\n{log.read_text()}"
+    finally:
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "1/1 runs finished" in text, text
+    (run,) = plan("quickstart", "smoke", None, tmp_path / "out", ["optim=adamw"]).done
+    assert run.status == "ok"
+    assert (tmp_path / "results" / "quickstart_smoke" / "table.md").exists()
+    assert not list((tmp_path / "out" / "runs" / "quickstart" / ".inflight").glob("*.json"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a finished child we started is a zombie until reaped: count it as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
