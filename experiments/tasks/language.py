@@ -1,0 +1,461 @@
+"""Language modelling: GPT-2 pretraining, GPT-2 fine-tuning on recipes, LSTM language models on PTB.
+
+- :class:`GPTPretraining` (``task=gpt2``): next-token cross-entropy of the modded-nanogpt GPT
+  (:mod:`experiments.models.gpt`) on windows of ``seq_len + 1`` tokens; FineWeb10B ``.bin`` shards
+  at paper scale, tiny Shakespeare / WikiText-2 through the GPT-2 tokenizer at small scale.
+  Primary metric: validation loss (nats/token), logged against tokens and wall-clock.
+- :class:`GPT2Finetune` (``task=gpt2_finetune``): a ``transformers`` GPT-2 on the 1,000 recipes
+  of the paper's appendix, from a local pretrained checkpoint or freshly initialised (said in the
+  run's notes). Metrics: validation loss and perplexity.
+- :class:`LSTMLanguageModel` (``task=lstm{1,2,3}_ptb``): AWD-LSTM-style word model
+  (:mod:`experiments.models.lstm`) trained by truncated BPTT; the m workers of a PISA round take
+  consecutive pieces of each BPTT window (:meth:`LSTMLanguageModel.split_batch` cuts along time)
+  and the hidden state runs through them and across windows; it is task state, so checkpoints
+  carry it. Primary metric: test perplexity.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Iterator
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from experiments.data import text
+from experiments.models.gpt import build_gpt
+from experiments.models.lstm import LSTMLM, detach_hidden
+from experiments.tasks.base import DatasetMissing, Task
+
+log = logging.getLogger("pisa-bench")
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of all data randomness of one epoch (as vision.py)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Sum scalars over torchrun ranks (identity in a single process)."""
+    if _world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _tokens(tokenizer: object, path: Path) -> np.ndarray:
+    return np.asarray(text.encode(tokenizer, path.read_text("utf-8")), np.int64)
+
+
+def _require(directory: Path, files: list[str], dataset: str) -> None:
+    if any(not (directory / f).exists() for f in files):
+        raise DatasetMissing(dataset, directory, files)
+
+
+# ============================================================================================
+# GPT-2 pretraining
+# ============================================================================================
+class GPTPretraining(Task):
+    """Next-token prediction on token windows; batches are (B, seq_len + 1) int64 tensors."""
+
+    train_windows: text.TokenWindows
+    val_windows: text.TokenWindows
+    vocab_size: int
+
+    def setup(self) -> None:
+        d = self.tcfg.data
+        T = int(d.seq_len)
+        if d.synthetic:
+            g = torch.Generator().manual_seed(self.seed)
+            v = int(d.synthetic_vocab)
+            toks = torch.randint(0, v, (int(d.synthetic_tokens),), generator=g)
+            n = int(0.9 * len(toks))
+            train, val, vocab = [toks[:n]], [toks[n:]], v
+        elif d.name == "fineweb10B":
+            root = self.data_dir / str(d.dir)
+            train = [text.load_shard(p)
+                     for p in text.find_shards(root, str(d.train_pattern), d.name)]
+            val = [text.load_shard(p) for p in text.find_shards(root, str(d.val_pattern), d.name)]
+            vocab = 50257
+        elif d.name in ("tinyshakespeare", "wikitext2"):
+            train, val, vocab = self._text_corpus()
+        else:
+            raise ValueError(
+                f"unknown gpt2 data '{d.name}': fineweb10B | tinyshakespeare | wikitext2")
+        self.train_windows = text.TokenWindows(train, T)
+        self.val_windows = text.TokenWindows(val, T)
+        mv = self.tcfg.model.get("vocab_size")
+        self.vocab_size = int(mv) if mv is not None else vocab
+        if self.vocab_size < vocab:
+            raise ValueError(f"task.model.vocab_size={self.vocab_size} < the data's {vocab} tokens")
+        n_tok = sum(len(a) for a in train)
+        log.info("gpt2 data %s: %d train tokens, %d train windows of %d, %d val windows, vocab %d",
+                 d.name if not d.synthetic else "synthetic", n_tok, len(self.train_windows), T,
+                 len(self.val_windows), self.vocab_size)
+
+    def _text_corpus(self) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """GPT-2 tokens of a small corpus and the split it is used under (with a note saying so)."""
+        d = self.tcfg.data
+        tok_dir = text.gpt2_tokenizer_dir([self.data_dir / str(d.tokenizer_dir)])
+        tokenizer = text.load_gpt2_tokenizer(tok_dir)
+        if d.name == "tinyshakespeare":
+            folder = self.data_dir / "tinyshakespeare"
+            _require(folder, ["input.txt"], "tinyshakespeare")
+            ids = _tokens(tokenizer, folder / "input.txt")
+            n = int(float(d.train_frac) * len(ids))
+            train, val = ids[:n], ids[n:]
+            self.notes.append(
+                f"tiny Shakespeare, GPT-2 tokens: first {float(d.train_frac):.0%} train / rest "
+                "validation (nanoGPT's split; no official split exists)")
+        else:
+            folder = self.data_dir / "wikitext-2"
+            _require(folder, ["valid.txt", "test.txt"], "wikitext-2")
+            train = _tokens(tokenizer, folder / "valid.txt")
+            val = _tokens(tokenizer, folder / "test.txt")
+            self.notes.append("WikiText-2 train split unavailable: trained on valid.txt, validated "
+                              "on test.txt (non-standard split)")
+        vocab = 50257
+        if d.get("compact_vocab"):
+            (train, val), vocab, _ = text.compact_vocabulary(train, val)
+            self.notes.append(
+                f"vocabulary compacted to the {vocab - 1} GPT-2 tokens present in the training "
+                "text (+1 id for validation tokens unseen in training), a CPU-sized softmax")
+        return [train], [val], vocab
+
+    def build_model(self) -> nn.Module:
+        m = self.tcfg.model
+        model = build_gpt(self.vocab_size, int(m.n_layer), int(m.n_head), int(m.n_embd),
+                          float(m.get("rope_base", 10000.0)))
+        if self.tcfg.get("compile"):
+            model = torch.compile(model)  # type: ignore[assignment]
+        return model
+
+    def steps_per_epoch(self) -> int:
+        return max(len(self.train_windows) // int(self.cfg.train.batch_size), 1)
+
+    def train_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        bs = int(self.cfg.train.batch_size)
+        n = len(self.train_windows)
+        if self.tcfg.data.get("shuffle", True):
+            order = torch.randperm(n, generator=epoch_generator(self.seed, epoch))
+        else:
+            order = torch.arange(n)
+        for i in range(self.steps_per_epoch()):
+            yield self.train_windows.batch(order[i * bs : (i + 1) * bs].tolist())
+
+    def count(self, batch: torch.Tensor) -> int:
+        return int(batch.shape[0] * (batch.shape[1] - 1))  # tokens
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        logits = model(batch[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Mean loss over the first ``data.val_tokens`` tokens of validation (all when null)."""
+        T = int(self.tcfg.data.seq_len)
+        cap = self.tcfg.data.get("val_tokens")
+        n = len(self.val_windows)
+        if cap is not None:
+            n = min(n, max(int(cap) // T, 1))
+        rank, world = _world()
+        mine = list(range(rank, n, world))
+        bs = int(self.cfg.train.eval_batch_size)
+        total, count = 0.0, 0.0
+        for i in range(0, len(mine), bs):
+            b = self.val_windows.batch(mine[i : i + bs]).to(self.device)
+            logits = model(b[:, :-1]).float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           b[:, 1:].reshape(-1), reduction="sum"))
+            count += b[:, 1:].numel()
+        total, count = _sum_across_ranks([total, count], self.device)
+        loss = total / max(count, 1.0)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+# ============================================================================================
+# GPT-2 fine-tuning on recipes
+# ============================================================================================
+RECIPE_SPECIALS = ("<|startoftext|>", "<|pad|>", "<|unknown|>")  # as the paper's script adds
+
+
+def recipe_text(ingredients: str, instructions: str) -> str:
+    """The paper's recipe format (between <|startoftext|> and <|endoftext|>)."""
+    return f"Ingredients: {ingredients.strip()}. Instructions: {instructions.strip()}"
+
+
+class GPT2Finetune(Task):
+    """Causal LM loss on recipes, padded to ``data.max_length``; padding is not scored."""
+
+    train_ids: torch.Tensor
+    val_ids: torch.Tensor
+    vocab_size: int
+    pad_id: int
+    bos_id: int | None = None
+    eos_id: int | None = None
+
+    def setup(self) -> None:
+        d = self.tcfg.data
+        L = int(d.max_length)
+        path = self.tcfg.model.get("pretrained_path")
+        self.pretrained = Path(str(path)).expanduser() if path else None
+        if self.pretrained is not None and not (self.pretrained / "config.json").exists():
+            raise DatasetMissing("pretrained GPT-2 checkpoint", self.pretrained,
+                                 ["config.json", "model.safetensors (or pytorch_model.bin)"],
+                                 hint="task.model.pretrained_path must be a local directory "
+                                      "written by save_pretrained(); nothing is downloaded.")
+        if d.synthetic:
+            g = torch.Generator().manual_seed(self.seed)
+            v = int(d.synthetic_vocab)
+            self.pad_id, self.vocab_size = v - 1, v
+            n = int(d.synthetic_samples)
+            ids = torch.randint(0, v - 1, (n, L), generator=g)
+            lengths = torch.randint(L // 2, L + 1, (n,), generator=g)
+            ids[torch.arange(L)[None, :] >= lengths[:, None]] = self.pad_id
+        else:
+            ids = self._recipes(L)
+        n_train = round(float(d.train_frac) * len(ids))
+        perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(int(d.split_seed)))
+        self.train_ids, self.val_ids = ids[perm[:n_train]], ids[perm[n_train:]]
+        if d.get("compact_vocab") and self.pretrained is None and not d.synthetic:
+            (tr, va), self.vocab_size, table = text.compact_vocabulary(
+                self.train_ids.numpy(), self.val_ids.numpy())
+            self.train_ids, self.val_ids = torch.from_numpy(tr), torch.from_numpy(va)
+            self.pad_id = int(table[self.pad_id])
+            self.bos_id = int(table[self.bos_id]) if self.bos_id is not None else None
+            self.eos_id = int(table[self.eos_id]) if self.eos_id is not None else None
+            self.notes.append(
+                f"vocabulary compacted to the {self.vocab_size - 1} GPT-2 tokens present in the "
+                "training recipes (+1 id for unseen validation tokens): a CPU-sized softmax for "
+                "the freshly initialised model")
+        if self.pretrained is None:
+            msg = ("GPT-2 freshly initialised from a config (no task.model.pretrained_path given): "
+                   "this is training from scratch on 1,000 recipes, not the paper's fine-tuning")
+            log.warning(msg)
+            self.notes.append(msg)
+        else:
+            self.notes.append(f"GPT-2 fine-tuned from the local checkpoint {self.pretrained}")
+
+    def _recipes(self, L: int) -> torch.Tensor:
+        d = self.tcfg.data
+        folder = self.data_dir / str(d.dir)
+        _require(folder, [str(d.file)], "recipes")
+        candidates = [self.data_dir / str(d.tokenizer_dir)]
+        if self.pretrained is not None:
+            candidates.append(self.pretrained)
+        tokenizer = text.load_gpt2_tokenizer(text.gpt2_tokenizer_dir(candidates), RECIPE_SPECIALS)
+        bos = self.bos_id = tokenizer.token_to_id("<|startoftext|>")
+        eos = self.eos_id = tokenizer.token_to_id("<|endoftext|>")
+        self.pad_id = tokenizer.token_to_id("<|pad|>")
+        self.vocab_size = tokenizer.get_vocab_size()
+        rows = []
+        with open(folder / str(d.file), newline="", encoding="utf-8") as f:
+            for rec in csv.DictReader(f):
+                body = text.encode(tokenizer, recipe_text(rec["ingredients"], rec["instructions"]))
+                ids = [bos, *body, eos][:L]
+                rows.append(ids + [self.pad_id] * (L - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def build_model(self) -> nn.Module:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        m = self.tcfg.model
+        if self.pretrained is not None:
+            model = GPT2LMHeadModel.from_pretrained(str(self.pretrained), local_files_only=True)
+            model.resize_token_embeddings(self.vocab_size)
+        else:
+            cfg = GPT2Config(vocab_size=self.vocab_size, n_positions=int(m.n_positions),
+                             n_embd=int(m.n_embd), n_layer=int(m.n_layer), n_head=int(m.n_head),
+                             resid_pdrop=float(m.dropout), embd_pdrop=float(m.dropout),
+                             attn_pdrop=float(m.dropout), pad_token_id=self.pad_id,
+                             bos_token_id=self.bos_id, eos_token_id=self.eos_id)
+            model = GPT2LMHeadModel(cfg)
+        return model
+
+    def steps_per_epoch(self) -> int:
+        return max(len(self.train_ids) // int(self.cfg.train.batch_size), 1)
+
+    def train_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        bs = min(int(self.cfg.train.batch_size), len(self.train_ids))
+        perm = torch.randperm(len(self.train_ids), generator=epoch_generator(self.seed, epoch))
+        for i in range(self.steps_per_epoch()):
+            yield self.train_ids[perm[i * bs : (i + 1) * bs]]
+
+    def _loss_sum(self, model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        mask = ids != self.pad_id
+        logits = model(input_ids=ids, attention_mask=mask.long()).logits.float()
+        tgt = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        return loss, int(mask[:, 1:].sum())
+
+    def count(self, batch: torch.Tensor) -> int:
+        return int(batch.shape[0])  # recipes
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        total, n = self._loss_sum(model, batch)
+        return total / max(n, 1)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        bs = int(self.cfg.train.eval_batch_size)
+        rank, world = _world()
+        ids = self.val_ids[rank::world]
+        total, count = 0.0, 0.0
+        for i in range(0, len(ids), bs):
+            s, n = self._loss_sum(model, ids[i : i + bs].to(self.device))
+            total, count = total + float(s), count + n
+        total, count = _sum_across_ranks([total, count], self.device)
+        loss = total / max(count, 1.0)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+# ============================================================================================
+# LSTM language models on PTB
+# ============================================================================================
+class LSTMLanguageModel(Task):
+    """Truncated BPTT over ``train.batch_size`` columns; batches are ``{"tokens", "start"}``.
+
+    ``tokens``: rows ``start .. start + L`` of the batchified stream, shape (L + 1, B) (inputs are
+    the first L rows, targets the last L); ``start``: the row of the first input in the stream.
+    The training hidden state continues from the previous piece; it restarts at zero at row 0
+    (a new epoch). Under torchrun each rank takes one piece of the window and its hidden state
+    continues from its own piece of the previous window (the sequential hand-over of the paper's
+    simulated workers exists only in virtual-worker mode).
+    """
+
+    train_data: torch.Tensor
+    eval_sets: dict[str, torch.Tensor]
+    vocab_size: int
+
+    def __init__(self, cfg: Any, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.hidden: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def setup(self) -> None:
+        d = self.tcfg.data
+        bsz, ebsz = int(self.cfg.train.batch_size), int(self.cfg.train.eval_batch_size)
+        if d.synthetic:
+            g = torch.Generator().manual_seed(self.seed)
+            v = int(d.synthetic_vocab)
+            train = torch.randint(0, v, (int(d.synthetic_tokens),), generator=g)
+            test = torch.randint(0, v, (int(d.synthetic_tokens) // 4,), generator=g)
+            self.vocab_size, splits = v, {"test": test}
+        else:
+            folder = self.data_dir / str(d.dir)
+            names = {"train": d.train_file, "val": d.get("val_file"), "test": d.test_file}
+            files = {k: str(v) for k, v in names.items() if v}
+            _require(folder, list(files.values()), "ptb")
+            order = [k for k in ("train", "val", "test") if k in files]
+            vocab, tensors = text.build_word_corpus(*(folder / files[k] for k in order))
+            self.vocab_size = len(vocab)
+            train, splits = tensors[0], dict(zip(order[1:], tensors[1:]))
+            if d.get("note"):
+                self.notes.append(str(d.note))
+        self.train_data = text.batchify(train, bsz)
+        self.eval_sets = {k: text.batchify(v, ebsz) for k, v in splits.items()}
+        if self.steps_per_epoch() < 1:
+            raise ValueError("training stream shorter than one BPTT window")
+
+    def build_model(self) -> nn.Module:
+        m = OmegaConf.to_container(self.tcfg.model, resolve=True)
+        assert isinstance(m, dict)
+        m.pop("name", None)
+        return LSTMLM(vocab_size=self.vocab_size, **m)
+
+    @property
+    def bptt(self) -> int:
+        return int(self.tcfg.data.bptt)
+
+    def steps_per_epoch(self) -> int:
+        return (self.train_data.shape[0] - 1) // self.bptt
+
+    def train_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+        for i in range(self.steps_per_epoch()):
+            s = i * self.bptt
+            yield {"tokens": self.train_data[s : s + self.bptt + 1], "start": s}
+
+    def split_batch(self, batch: dict[str, Any], m: int) -> list[dict[str, Any]]:
+        """Cut the window along time into m consecutive pieces (the last takes the remainder).
+
+        Piece k holds input rows ``[a_k, b_k)`` and the one extra row its targets need, so the
+        pieces' inputs tile the window exactly and each target is predicted once.
+        """
+        if m == 1:
+            return [batch]
+        tokens, start = batch["tokens"], int(batch["start"])
+        L = tokens.shape[0] - 1
+        if m > L:
+            raise ValueError(f"a BPTT window of {L} steps cannot feed {m} workers")
+        piece = L // m
+        cuts = [k * piece for k in range(m)] + [L]
+        return [{"tokens": tokens[a : b + 1], "start": start + a} for a, b in pairwise(cuts)]
+
+    def count(self, batch: dict[str, Any]) -> int:
+        t = batch["tokens"]
+        return int((t.shape[0] - 1) * t.shape[1])  # tokens
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Cross-entropy + AR + TAR (AWD-LSTM).
+
+        AR: ``alpha E[h^2]`` on the dropped last-layer output; TAR: ``beta E[(h_t - h_{t-1})^2]``
+        on the raw one.
+        """
+        tokens = batch["tokens"]
+        x, y = tokens[:-1], tokens[1:]
+        bsz = x.shape[1]
+        hidden = self.hidden
+        if int(batch["start"]) == 0 or hidden is None or hidden[0][0].shape[1] != bsz:
+            hidden = model.init_hidden(bsz, x.device)  # type: ignore[operator]
+        logits, new_hidden, raw, dropped = model(x, hidden)
+        self.hidden = detach_hidden(new_hidden)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        ar, tar = float(self.tcfg.get("ar_alpha", 0.0)), float(self.tcfg.get("tar_beta", 0.0))
+        if ar:
+            loss = loss + ar * dropped[-1].pow(2).mean()
+        if tar and raw[-1].shape[0] > 1:
+            loss = loss + tar * (raw[-1][1:] - raw[-1][:-1]).pow(2).mean()
+        return loss
+
+    def _stream_loss(self, model: nn.Module, data: torch.Tensor) -> float:
+        hidden = model.init_hidden(data.shape[1], self.device)  # type: ignore[operator]
+        total, n = 0.0, 0
+        for i in range(0, data.shape[0] - 1, self.bptt):
+            L = min(self.bptt, data.shape[0] - 1 - i)
+            chunk = data[i : i + L + 1].to(self.device)
+            logits, hidden, _, _ = model(chunk[:-1], hidden)
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                           chunk[1:].reshape(-1), reduction="sum"))
+            n += chunk[1:].numel()
+        return total / n
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Perplexity per evaluation split: ``ppl``/``loss`` (test), ``val_ppl``/``val_loss``."""
+        out: dict[str, float] = {}
+        for split, data in self.eval_sets.items():
+            loss = self._stream_loss(model, data)
+            prefix = "" if split == self.metric_split else f"{split}_"
+            out[f"{prefix}loss"] = loss
+            out[f"{prefix}ppl"] = math.exp(min(loss, 50.0))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hidden": self.hidden}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        h = state.get("hidden")
+        self.hidden = None if h is None else [(a.to(self.device), b.to(self.device)) for a, b in h]
