@@ -202,16 +202,21 @@ def expand_lr_grid(
 ) -> list[tuple[list[str], dict[str, Any]]]:
     """An equal-budget learning-rate grid: the same multiples of *each optimizer's own default*
     lr (``optim.lr``, and ``optim.companion.lr`` for hybrid optimizers, scaled together), so
-    every optimizer gets the same number of trials around the value its config recommends."""
+    every optimizer gets the same number of trials around the value its config recommends.
+    PISA-family optimizers (lr = 1/(sigma + rho)) get ``sigma / m`` with ``lr * m``: sigma and rho
+    both scale by 1/m, the ratio kept, exactly as an lr schedule acts on them."""
     base = _get(cfg, "optim.lr")
     if base is None:
         raise ValueError(f"optimizer {cfg.optim.name} has no optim.lr to scale")
     comp = _get(cfg, "optim.companion.lr")
+    sigma = _get(cfg, "optim.sigma")  # PISA family: scale sigma by 1/m too (sigma/rho kept)
     out = []
     for m in multipliers:
         ovr = [*point, f"optim.lr={float(base) * float(m):.6g}"]
         if comp is not None:
             ovr.append(f"optim.companion.lr={float(comp) * float(m):.6g}")
+        if sigma is not None:
+            ovr.append(f"optim.sigma={float(sigma) / float(m):.6g}")
         out.append((ovr, {"lr_mult": float(m)}))
     return out
 

@@ -126,6 +126,10 @@ def test_tune_grid_is_equal_budget(tmp_path: Path) -> None:
             if "companion" in default:
                 assert pt.cfg.optim.companion.lr == pytest.approx(default.companion.lr * m,
                                                                   rel=1e-5)
+            if "sigma" in default:  # lr = 1/(sigma + rho): both scale by 1/m, rho stays > 0
+                assert pt.cfg.optim.sigma == pytest.approx(default.sigma / m, rel=1e-5)
+                assert 1 / pt.cfg.optim.lr - pt.cfg.optim.sigma == pytest.approx(
+                    (1 / default.lr - default.sigma) / m, rel=1e-4)
     assert len({pt.run_dir for pt in p.points}) == 20
 
 
