@@ -6,6 +6,7 @@ import logging
 import traceback
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from experiments.record import RunExists, RunRecord, run_dir_for
@@ -28,6 +29,8 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     d = init_distributed(str(cfg.train.device))
     device = pick_device(str(cfg.train.device), d)
     seed_everything(int(cfg.seed))
+    if cfg.train.get("threads"):
+        torch.set_num_threads(int(cfg.train.threads))
     run_dir = run_dir_for(cfg)
     task = build_task(cfg, device)
     record = None

@@ -38,7 +38,7 @@ def config_hash(cfg: DictConfig) -> str:
     for k in _NOT_IDENTITY:
         c.pop(k, None)
     if isinstance(c.get("train"), dict):
-        for k in ("device", "progress", "preempt_at_step", "ckpt_every"):
+        for k in ("device", "threads", "progress", "preempt_at_step", "ckpt_every"):
             c["train"].pop(k, None)
     blob = json.dumps(c, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]

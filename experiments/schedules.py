@@ -5,7 +5,8 @@ smoke, small and paper scales. With ``T`` total steps, warm-up ``W`` (``warmup_s
 ``warmup_frac * T``) and step ``t``:
 
 - constant:  1 (after warm-up)
-- step:      gamma ** #{milestone f : t >= f * T}
+- step:      gamma ** #{milestone f : t >= f * T}   (or, with a ``gammas`` list, one factor per
+             milestone: prod {gammas[k] : t >= milestones_frac[k] * T})
 - cosine:    min_frac + (1 - min_frac) * (1 + cos(pi * (t - W) / (T - W))) / 2
 - trapezoid: linear warm-up, flat, then linear decay to ``min_frac`` over the last
              ``warmdown_frac * T`` steps (modded-nanogpt / the paper's GPT-2 runs)
@@ -33,6 +34,9 @@ def lr_multiplier(spec: Mapping[str, Any], total_steps: int) -> Callable[[int], 
     min_frac = float(spec.get("min_frac", 0.0))
     gamma = float(spec.get("gamma", 0.1))
     milestones = [round(float(f) * total) for f in spec.get("milestones_frac", [])]
+    gammas = [float(g) for g in spec.get("gammas") or [gamma] * len(milestones)]
+    if len(gammas) != len(milestones):
+        raise ValueError("schedule.gammas needs one factor per entry of schedule.milestones_frac")
     warmdown = round(float(spec.get("warmdown_frac", 0.0)) * total)
 
     def f(t: int) -> float:
@@ -41,7 +45,7 @@ def lr_multiplier(spec: Mapping[str, Any], total_steps: int) -> Callable[[int], 
         if name == "constant":
             return 1.0
         if name == "step":
-            return gamma ** sum(t >= m for m in milestones)
+            return math.prod(g for g, m in zip(gammas, milestones) if t >= m)
         if name == "cosine":
             progress = min(1.0, (t - warm) / max(1, total - warm))
             return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -158,6 +158,12 @@ def test_sigterm_checkpoints_and_marks_preempted(run_cfg) -> None:
 def test_schedules() -> None:
     f = lr_multiplier({"name": "step", "milestones_frac": [0.5, 0.75], "gamma": 0.1}, 100)
     assert [f(0), f(49), f(50), f(75), f(99)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+    f = lr_multiplier(
+        {"name": "step", "milestones_frac": [0.1, 0.5], "gammas": [0.9, 0.35]}, 100
+    )
+    assert [f(9), f(10), f(49), f(50)] == pytest.approx([1, 0.9, 0.9, 0.9 * 0.35])
+    with pytest.raises(ValueError, match="one factor per"):
+        lr_multiplier({"name": "step", "milestones_frac": [0.1], "gammas": [0.9, 0.3]}, 100)
     f = lr_multiplier({"name": "trapezoid", "warmup_steps": 10, "warmdown_frac": 0.5}, 100)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(49) == 1.0 and f(75) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)

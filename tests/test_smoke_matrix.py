@@ -14,11 +14,12 @@ from experiments.rundir import METRIC_COLUMNS, SUMMARY_FIELDS, read_metrics
 
 TASKS = group_options("task")
 OPTIMS = group_options("optim")
-# Pairs refused before any step, with the reason: torch's Muon takes 2-D matrices only and the
-# DCGAN critic/generator are all convolutions.
+# Pairs refused before any step, with the reason: torch's Muon takes 2-D matrices only, and these
+# networks are convolutions plus an output layer (routed to the companion, as Muon users do).
 REFUSED = {
-    ("wgan_cifar10", "muon"): "has none left after routing",
-    ("wgan_gp_cifar10", "muon"): "has none left after routing",
+    (task, "muon"): "has none left after routing"
+    for task in ("wgan_cifar10", "wgan_gp_cifar10", "resnet34_cifar10", "densenet121_cifar10",
+                 "resnet18_imagenet")
 }
 
 

@@ -8,6 +8,7 @@ Real data is read from the data directory (or, for ``mnist_shipped``, from the p
 from __future__ import annotations
 
 import gzip
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,21 +61,33 @@ def _idx_pair(directory: Path, images: str, labels: str) -> tuple[torch.Tensor, 
 
 
 def mnist_shipped(cfg: DictConfig, data_dir: Path) -> ImageData:
-    """The MNIST test set shipped in the project: 8,000 images to train on, the last 2,000 to test."""
+    """The MNIST test set shipped in the project: 8,000 images to train on, the last 2,000 to test
+    on."""
     d = ASSETS / "mnist"
     x, y = _idx_pair(d, "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
     n_train = int(cfg.get("n_train", 8000))
     return ImageData(
-        x[:n_train], y[:n_train], x[n_train:], y[n_train:], (0.1325,), (0.3105,), 10,
-        note=f"MNIST test set split {n_train}/{len(x) - n_train} (shipped data; non-standard split)",
+        x[:n_train],
+        y[:n_train],
+        x[n_train:],
+        y[n_train:],
+        (0.1325,),
+        (0.3105,),
+        10,
+        note=f"MNIST test set split {n_train}/{len(x) - n_train} "
+        "(shipped data; non-standard split)",
     )
 
 
 def mnist(cfg: DictConfig, data_dir: Path) -> ImageData:
-    """MNIST from ``<data_dir>/mnist``: the first 10k training images (all that is offline) and test."""
+    """MNIST from ``<data_dir>/mnist``: the first 10k training images (all offline), test set."""
     d = data_dir / "mnist"
-    files = ["train-first10k-images-idx3-ubyte.gz", "train-first10k-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    files = [
+        "train-first10k-images-idx3-ubyte.gz",
+        "train-first10k-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]
     if (d / "train-images-idx3-ubyte.gz").exists():
         files[:2] = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
     _require(d, files, "mnist")
@@ -86,8 +99,12 @@ def mnist(cfg: DictConfig, data_dir: Path) -> ImageData:
 
 def fashion_mnist(cfg: DictConfig, data_dir: Path) -> ImageData:
     d = data_dir / "fashion-mnist"
-    files = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    files = [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]
     _require(d, files, "fashion-mnist")
     tx, ty = _idx_pair(d, files[0], files[1])
     vx, vy = _idx_pair(d, files[2], files[3])
@@ -106,15 +123,94 @@ def synthetic(cfg: DictConfig, data_dir: Path) -> ImageData:
         x[torch.arange(n), :, (y % h)] += 100  # a class-dependent bright row
         return x, y
 
-    tx, ty = make(int(cfg.get("n_train", 64)))
-    vx, vy = make(int(cfg.get("n_test", 32)))
+    tx, ty = make(int(cfg.get("n_train") or 64))
+    vx, vy = make(int(cfg.get("n_test") or 32))
     return ImageData(tx, ty, vx, vy, (0.5,) * c, (0.25,) * c, k, note="synthetic data")
+
+
+CIFAR10_FILES = ("cifar10_train_jpeg.npz", "cifar10_test_jpeg.npz")
+# Per-channel statistics of the decoded JPEG training set (all 50,000 images), as measured in
+# <data_dir>/cifar10-jpeg/README.md. The official CIFAR-10 values are mean (0.4914, 0.4822, 0.4465),
+# std (0.2470, 0.2435, 0.2616): JPEG smoothing lowers the std a little. (The AdaBelief / PISA
+# scripts normalise with std (0.2023, 0.1994, 0.2010), the mean per-image std, a rescaling only.)
+CIFAR10_MEAN = (0.4913, 0.4821, 0.4465)
+CIFAR10_STD = (0.2452, 0.2428, 0.2606)
+
+_DECODED: dict[tuple[str, int, int, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def balanced_subset(labels: np.ndarray, n: int | None) -> np.ndarray:
+    """Indices of the first ``n`` rows in a class-balanced order, returned sorted.
+
+    Row ``i`` gets the rank ``r_i`` it has among the rows of its class (file order); rows are
+    taken by ``(r_i, label)``, so every class gets ``n // K`` rows and the remainder goes to the
+    lowest labels. ``n=None`` or ``n >= len(labels)``: all rows. Deterministic (no seed): the
+    subset is part of the dataset definition, not of a run's randomness.
+    """
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    rank = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        rank[where] = np.arange(len(where))
+    order = np.lexsort((labels, rank))  # primary key: rank, then label
+    return np.sort(order[:n])
+
+
+def decode_jpeg_npz(path: Path, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (uint8 ``(N, 3, H, W)``) and labels (int64) of a JPEG ``.npz`` file.
+
+    The file holds ``jpeg`` (every JPEG file concatenated), ``offsets`` (N + 1) and ``labels``.
+
+    Image ``i`` is the JPEG file ``jpeg[offsets[i]:offsets[i+1]]``, decoded with Pillow to RGB.
+    ``n``: a class-balanced subset (:func:`balanced_subset`), decoded alone. Decoded arrays are
+    cached in memory per (file, size, mtime, n), so repeated runs in one process decode once.
+    """
+    from PIL import Image
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, n)
+    if key in _DECODED:
+        return _DECODED[key]
+    with np.load(path, allow_pickle=False) as z:
+        jpeg, offsets, labels = z["jpeg"], z["offsets"], z["labels"]
+    if len(offsets) != len(labels) + 1:
+        raise ValueError(f"{path}: {len(offsets)} offsets for {len(labels)} labels (want N+1)")
+    idx = balanced_subset(labels, n)
+    images = [
+        np.asarray(Image.open(io.BytesIO(jpeg[a:b].tobytes())).convert("RGB"))
+        for a, b in zip(offsets[idx], offsets[idx + 1])
+    ]
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(labels[idx].astype(np.int64))
+    _DECODED[key] = (x, y)
+    return x, y
+
+
+def cifar10(cfg: DictConfig, data_dir: Path) -> ImageData:
+    """CIFAR-10 from ``<data_dir>/cifar10-jpeg``: 50,000 train / 10,000 test 32x32 RGB images.
+
+    The images are JPEG copies (quality 75) of CIFAR-10, close to but not identical with the
+    original pixels. ``n_train`` / ``n_test`` (optional) take class-balanced subsets.
+    """
+    d = data_dir / "cifar10-jpeg"
+    _require(d, list(CIFAR10_FILES), "cifar10")
+    n_train, n_test = cfg.get("n_train"), cfg.get("n_test")
+    tx, ty = decode_jpeg_npz(d / CIFAR10_FILES[0], None if n_train is None else int(n_train))
+    vx, vy = decode_jpeg_npz(d / CIFAR10_FILES[1], None if n_test is None else int(n_test))
+    notes = ["CIFAR-10 from JPEG copies (quality 75): pixels close to the original, not identical"]
+    if len(tx) < 50000:
+        notes.append(f"trained on a class-balanced subset of {len(tx)} of 50,000 training images")
+    if len(vx) < 10000:
+        notes.append(f"evaluated on a class-balanced subset of {len(vx)} of 10,000 test images")
+    return ImageData(tx, ty, vx, vy, CIFAR10_MEAN, CIFAR10_STD, 10, note="; ".join(notes))
 
 
 LOADERS: dict[str, Callable[[DictConfig, Path], ImageData]] = {
     "mnist_shipped": mnist_shipped,
     "mnist": mnist,
     "fashion_mnist": fashion_mnist,
+    "cifar10": cifar10,
 }
 
 
@@ -124,5 +220,7 @@ def load_images(cfg: DictConfig, data_dir: Path) -> ImageData:
         return synthetic(cfg, data_dir)
     name = str(cfg.name)
     if name not in LOADERS:
-        raise KeyError(f"unknown image dataset '{name}'; choose one of: {', '.join(sorted(LOADERS))}")
+        raise KeyError(
+            f"unknown image dataset '{name}'; choose one of: {', '.join(sorted(LOADERS))}"
+        )
     return LOADERS[name](cfg, data_dir)

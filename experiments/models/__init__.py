@@ -12,6 +12,13 @@ from torch import nn
 MODELS: dict[str, str] = {
     "small_cnn": "experiments.models.small:SmallCNN",
     "mlp": "experiments.models.small:MLP",
+    # CIFAR-style networks of the paper (3x3 stem); defaults: VGG-11 / ResNet-34 / DenseNet-121
+    "vgg_cifar": "experiments.models.cifar:VGG",
+    "resnet_cifar": "experiments.models.cifar:ResNet",
+    "densenet_cifar": "experiments.models.cifar:DenseNet",
+    "vit": "experiments.models.vit:ViT",  # transformers ViT, freshly initialised
+    # torchvision's ImageNet ResNet-18 (optional extra `pip install -e .[vision]`, imported lazily)
+    "resnet18_torchvision": "experiments.tasks.imagenet:resnet18",
 }
 
 
