@@ -1,0 +1,373 @@
+"""Parameter routing: hidden matrices to a main optimizer (NSISA, Muon), the rest to a companion.
+
+As in the paper's GPT-2 code (and Muon's usual setup): the orthogonalised update suits the hidden
+weight matrices; embeddings, the output head and vectors (biases, norms) go to AdamW.
+:func:`split_hidden_matrices` decides, :class:`Hybrid` runs both as one ``torch.optim.Optimizer``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from . import distributed as pdist
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "Hybrid",
+    "hybrid",
+    "hybrid_nsisa",
+    "split_hidden_matrices",
+]
+
+#: name patterns of >= 2-D parameters that are *not* hidden matrices (embeddings, heads)
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    "lm_head",
+    "head",
+    "classifier",
+    "wte",
+    "wpe",
+    "embed",
+    "unembed",
+    "cls_token",
+)
+
+OptimizerFactory = Callable[[list[nn.Parameter]], Optimizer]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Glob patterns (``*?[``) match the whole dotted name; a plain pattern matches where a
+    dotted component, or a ``_``-separated word of one, starts with it (``head`` matches
+    ``lm_head`` and ``heads`` but not ``multihead_attn``; ``embed`` matches ``pos_embed`` and
+    ``embeddings``)."""
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return re.search(r"(?:^|[._])" + re.escape(pattern), name) is not None
+
+
+def split_hidden_matrices(
+    model: nn.Module,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    *,
+    require_2d: bool = False,
+    named: bool = False,
+    trainable_only: bool = True,
+) -> tuple[list[Any], list[Any]]:
+    """Split ``model``'s parameters into ``(hidden, rest)``.
+
+    Hidden: ``ndim >= 2`` (exactly 2 with ``require_2d``, e.g. for ``torch.optim.Muon``), not
+    owned by an ``nn.Embedding`` / ``nn.EmbeddingBag`` and whose name matches none of ``exclude``
+    (see :func:`_matches`). Tied parameters appear once. With ``named=True`` both lists hold
+    ``(name, parameter)`` pairs.
+    """
+    embedding_ids = {
+        id(p)
+        for mod in model.modules()
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag))
+        for p in mod.parameters(recurse=False)
+    }
+    hidden: list[Any] = []
+    rest: list[Any] = []
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        is_matrix = p.ndim == 2 if require_2d else p.ndim >= 2
+        is_hidden = (
+            is_matrix
+            and id(p) not in embedding_ids
+            and not any(_matches(name, pat) for pat in exclude)
+        )
+        item = (name, p) if named else p
+        (hidden if is_hidden else rest).append(item)
+    return hidden, rest
+
+
+class Hybrid(Optimizer):
+    """A main optimizer and a companion optimizer stepped as one.
+
+    ``param_groups`` is the concatenation of both optimizers' groups (the same dict objects), so
+    LR schedulers on the wrapper drive both. ``step()`` steps the main optimizer on every call.
+    The companion:
+
+    * main is a PISA-family optimizer in virtual mode with ``m > 1`` workers: the companion's
+      gradients are accumulated over the ``m`` worker calls with the worker weights ``alpha_i``
+      and the companion steps once per round, on ``sum_i alpha_i g_i`` (the full-batch gradient,
+      left in the companion parameters' ``.grad``); they do not move inside a round.
+    * distributed mode (``torch.distributed`` with world size > 1, or ``distributed=True``): the
+      companion's gradients are averaged across ranks (weighted by the main's worker weights when
+      it has them) before it steps; a main optimizer without its own communication (not
+      PISA-family, e.g. Muon) gets its gradients averaged too, as DDP would.
+    * otherwise it steps on every call (a main optimizer without ``round_done`` makes every step
+      a round).
+
+    ``n_workers``, ``worker_index``, ``round_done`` and ``telemetry()`` are the main optimizer's
+    (1, 0, True, ``{}`` when it has none). ``state_dict`` holds both optimizers' states and the
+    accumulation buffers.
+    """
+
+    def __init__(
+        self,
+        main: Optimizer,
+        companion: Optimizer | None = None,
+        *,
+        distributed: bool | None = None,
+    ) -> None:
+        main_ids = {id(p) for g in main.param_groups for p in g["params"]}
+        if companion is not None:
+            shared = [p for g in companion.param_groups for p in g["params"] if id(p) in main_ids]
+            if shared:
+                raise ValueError("a parameter is in both the main and the companion optimizer")
+        self.main = main
+        self.companion = companion
+        self._ready = False
+        super().__init__([{"params": []}], {})
+        self._ready = True
+        self._main_is_pisa = hasattr(main, "round_done")
+        if distributed is None and self._main_is_pisa and hasattr(main, "distributed"):
+            self._distributed = bool(main.distributed)
+        else:
+            self._distributed = pdist.resolve_distributed(distributed)
+        self._accum: dict[Tensor, Tensor] = {}
+
+    # ---------------------------------------------------------------- optimizer plumbing
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        if not self.__dict__.get("_ready", False):
+            return self.__dict__.setdefault("_init_groups", [])
+        groups = list(self.main.param_groups)
+        if self.companion is not None:
+            groups += self.companion.param_groups
+        return groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if not self.__dict__.get("_ready", False):
+            self.__dict__["_init_groups"] = value
+
+    @property  # type: ignore[override]
+    def state(self) -> dict[Tensor, Any]:
+        """Read-only merged view of both optimizers' per-parameter state."""
+        merged = dict(self.main.state)
+        if self.companion is not None:
+            merged.update(self.companion.state)
+        return merged
+
+    @state.setter
+    def state(self, value: Any) -> None:  # Optimizer.__init__ assigns it; ignored
+        pass
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.__dict__.get("_ready", False):
+            raise RuntimeError("add the group to Hybrid.main or Hybrid.companion instead")
+        super().add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.main.zero_grad(set_to_none=set_to_none)
+        if self.companion is not None:
+            self.companion.zero_grad(set_to_none=set_to_none)
+
+    def _companion_params(self) -> list[Tensor]:
+        if self.companion is None:
+            return []
+        return [p for g in self.companion.param_groups for p in g["params"] if p.requires_grad]
+
+    # ---------------------------------------------------------------- main's attributes
+    @property
+    def n_workers(self) -> int:
+        return int(getattr(self.main, "n_workers", 1))
+
+    @property
+    def worker_index(self) -> int:
+        return int(getattr(self.main, "worker_index", 0))
+
+    @property
+    def round_done(self) -> bool:
+        return bool(getattr(self.main, "round_done", True))
+
+    @property
+    def distributed(self) -> bool:
+        return self._distributed
+
+    @property
+    def requires_create_graph(self) -> bool:
+        return any(
+            bool(getattr(o, "requires_create_graph", False)) for o in (self.main, self.companion)
+        )
+
+    @property
+    def worker_weights(self) -> list[float]:
+        if hasattr(self.main, "worker_weights"):
+            return list(self.main.worker_weights)
+        return [1.0 / self.n_workers] * self.n_workers
+
+    def set_worker_weights(self, weights: Sequence[float]) -> None:
+        if not hasattr(self.main, "set_worker_weights"):
+            raise AttributeError(f"{type(self.main).__name__} has no worker weights")
+        self.main.set_worker_weights(weights)
+
+    def telemetry(self) -> dict[str, float]:
+        fn = getattr(self.main, "telemetry", None)
+        return dict(fn()) if callable(fn) else {}
+
+    # ---------------------------------------------------------------- the step
+    def _virtual_rounds(self) -> bool:
+        return self._main_is_pisa and not self._distributed and self.n_workers > 1
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._distributed and not self._main_is_pisa:
+            grads = self._grads(self._params_of(self.main))
+            pdist.all_reduce_sum_(grads, scale=1.0 / pdist.world_size())
+        if self._main_is_pisa:
+            alpha = self.worker_weights[self.worker_index]
+        else:
+            alpha = 1.0 / pdist.world_size() if self._distributed else 1.0
+        self.main.step()
+        if self.companion is None:
+            return loss
+        params = self._companion_params()
+        if self._virtual_rounds():
+            for p in params:
+                if p.grad is None:
+                    continue
+                buf = self._accum.get(p)
+                if buf is None:
+                    buf = self._accum[p] = torch.zeros_like(p.grad)
+                buf.add_(p.grad.detach(), alpha=alpha)
+            if self.round_done:
+                for p in params:
+                    buf = self._accum.pop(p, None)
+                    if buf is None:
+                        p.grad = None
+                    elif p.grad is None:
+                        p.grad = buf
+                    else:
+                        p.grad.copy_(buf)
+                self.companion.step()
+        elif self._distributed:
+            grads = self._grads(params)
+            pdist.all_reduce_sum_(grads, scale=alpha)
+            self.companion.step()
+        else:
+            self.companion.step()
+        return loss
+
+    @staticmethod
+    def _params_of(opt: Optimizer) -> list[Tensor]:
+        return [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+
+    @staticmethod
+    def _grads(params: list[Tensor]) -> list[Tensor]:
+        """Gradients of ``params`` (a missing one becomes zeros, so all ranks agree)."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in params]
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        params = self._companion_params()
+        return {
+            "main": self.main.state_dict(),
+            "companion": None if self.companion is None else self.companion.state_dict(),
+            "hybrid": {"grad_accum": [self._accum.get(p) for p in params]},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.main.load_state_dict(state_dict["main"])
+        if self.companion is not None:
+            self.companion.load_state_dict(state_dict["companion"])
+        params = self._companion_params()
+        saved = state_dict.get("hybrid", {}).get("grad_accum", [])
+        if saved and len(saved) != len(params):
+            raise ValueError("state_dict has a different number of companion parameters")
+        self._accum = {
+            p: buf.to(device=p.device, dtype=p.dtype).clone()
+            for p, buf in zip(params, saved)
+            if buf is not None
+        }
+
+    def __repr__(self) -> str:
+        return f"Hybrid(\n  main={self.main!r},\n  companion={self.companion!r}\n)"
+
+
+def _build_companion(
+    spec: str | OptimizerFactory, params: list[nn.Parameter], kwargs: dict[str, Any]
+) -> Optimizer:
+    if callable(spec):
+        return spec(params, **kwargs)
+    name = spec.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if name == "adam":
+        return torch.optim.Adam(params, **kwargs)
+    if name == "sgd":
+        return torch.optim.SGD(params, **{"lr": 1e-3, **kwargs})
+    if name == "sisa":
+        from .sisa import SISA
+
+        return SISA(params, **kwargs)
+    raise ValueError(
+        f"unknown companion {spec!r}: use 'adamw', 'adam', 'sgd', 'sisa' or a callable"
+    )
+
+
+def hybrid(
+    model: nn.Module,
+    main: OptimizerFactory,
+    companion: str | OptimizerFactory = "adamw",
+    *,
+    companion_kwargs: dict[str, Any] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    require_2d: bool = False,
+    distributed: bool | None = None,
+) -> Hybrid:
+    """``Hybrid(main(hidden), companion(rest))`` with :func:`split_hidden_matrices`.
+
+    ``main`` / ``companion`` are callables ``params -> Optimizer`` (``companion`` also a name:
+    ``adamw``, ``adam``, ``sgd``, ``sisa``, built with ``companion_kwargs``). The companion is
+    omitted when there is nothing left for it. Example (the Muon baseline)::
+
+        hybrid(model, lambda ps: torch.optim.Muon(ps, lr=0.02), require_2d=True,
+               companion_kwargs={"lr": 3e-4, "betas": (0.9, 0.95)})
+    """
+    hidden, rest = split_hidden_matrices(model, exclude, require_2d=require_2d)
+    if not hidden:
+        raise ValueError("the model has no hidden matrices for the main optimizer")
+    comp = _build_companion(companion, rest, dict(companion_kwargs or {})) if rest else None
+    return Hybrid(main(hidden), comp, distributed=distributed)
+
+
+def hybrid_nsisa(
+    model: nn.Module,
+    *,
+    companion: str | OptimizerFactory = "adamw",
+    companion_kwargs: dict[str, Any] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    **nsisa_kwargs: Any,
+) -> Hybrid:
+    """NSISA on the hidden matrices and ``companion`` (AdamW) on the rest, as the paper's GPT-2
+    code. ``nsisa_kwargs`` go to :class:`~pisa.NSISA` (``lr``, ``sigma``, ``n_workers``, ...).
+    The official run used AdamW with ``betas=(0.9, 0.95)``, ``lr=0.0036`` for embeddings/head."""
+    from .nsisa import NSISA
+
+    distributed = nsisa_kwargs.get("distributed")
+    return hybrid(
+        model,
+        lambda ps: NSISA(ps, **nsisa_kwargs),
+        companion,
+        companion_kwargs=companion_kwargs,
+        exclude=exclude,
+        distributed=distributed,
+    )
+

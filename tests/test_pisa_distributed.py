@@ -1,0 +1,108 @@
+"""Distributed workers (2 gloo processes) give the same weights as 2 virtual workers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import pisa
+
+DT = torch.float64
+WORLD = 2
+ROUNDS = 5
+WEIGHTS = [1.0, 3.0]
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 5)
+        self.hidden = nn.Linear(5, 6)
+        self.hidden2 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens).mean(1)
+        x = torch.tanh(self.hidden2(torch.tanh(self.hidden(x))))
+        return self.head(x).squeeze(-1)
+
+
+def shard(round_: int, worker: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 * round_ + worker)
+    return torch.randint(0, 7, (6, 3), generator=gen), torch.randn(6, generator=gen, dtype=DT)
+
+
+def make(name: str, model: nn.Module, **mode):
+    if name == "sisa":
+        return pisa.SISA(model.parameters(), lr=0.02, sigma=3.0, l2_lambda=1e-3,
+                         worker_weights=WEIGHTS, **mode)
+    if name == "nsisa":
+        return pisa.NSISA(model.parameters(), lr=0.01, sigma=5.0, ns_dtype=DT,
+                          weight_decay=1e-2, worker_weights=WEIGHTS, **mode)
+    return pisa.hybrid_nsisa(model, lr=0.01, sigma=5.0, ns_dtype=DT, worker_weights=WEIGHTS,
+                             companion_kwargs={"lr": 1e-2}, **mode)
+
+
+def run(name: str, rank: int | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """rank None: one process, 2 virtual workers; else this rank's worker of a 2-rank run."""
+    torch.manual_seed(0)
+    model = Net().to(DT)
+    opt = make(name, model, n_workers=WORLD) if rank is None else make(name, model)
+    assert opt.n_workers == WORLD
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for r in range(ROUNDS):
+        workers = range(WORLD) if rank is None else [rank]
+        for i in workers:
+            tokens, target = shard(r, i)
+            opt.zero_grad(set_to_none=True)
+            (model(tokens) - target).pow(2).mean().backward()
+            opt.step()
+        assert opt.round_done
+        sched.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}, opt.telemetry()
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        out = {}
+        for name in ("sisa", "nsisa", "hybrid"):
+            out[name] = run(name, rank)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_equals_virtual(tmp_path: Path) -> None:
+    # the virtual runs first: forked children then inherit every lazily imported module
+    virtual = {name: run(name, rank=None) for name in ("sisa", "nsisa", "hybrid")}
+    # fork (as DataLoader workers, one thread each) avoids re-importing torch in every child
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD,
+                       join=True, start_method=method)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for name in ("sisa", "nsisa", "hybrid"):
+        virtual_state, virtual_tel = virtual[name]
+        for r in range(WORLD):
+            dist_state, dist_tel = ranks[r][name]
+            for key, value in virtual_state.items():
+                torch.testing.assert_close(dist_state[key], value, atol=1e-12, rtol=0,
+                                           msg=f"{name} rank {r} {key}")
+            for key in ("primal_residual", "dual_norm", "sigma", "rho"):
+                assert dist_tel[key] == pytest.approx(virtual_tel[key], rel=1e-5), key
+        # every rank holds the same global weights, bit for bit
+        for key in virtual_state:
+            assert torch.equal(ranks[0][name][0][key], ranks[1][name][0][key])
+        torch.manual_seed(0)
+        initial = Net().to(DT).state_dict()
+        assert not torch.equal(initial["hidden.weight"], virtual_state["hidden.weight"])
+        assert not torch.equal(initial["embed.weight"], virtual_state["embed.weight"])
