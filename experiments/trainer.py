@@ -402,6 +402,10 @@ class Trainer:
             self.step += 1
             self.samples += n_batch
             train_loss = loss_sum / len(subs)
+            if distributed:  # the loss of the whole batch, as one process would log it
+                t = torch.tensor([train_loss], device=self.device, dtype=torch.float64)
+                dist.all_reduce(t)
+                train_loss = float(t) / self.dist.world
             self.check_finite(train_loss, "training loss")
             bar.update(1)
             if self.step % log_every == 0 or self.step == total:
