@@ -117,16 +117,20 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Build the optimizer named ``cfg.name`` over ``model``'s trainable parameters.
 
-    Hybrid optimizers (Muon, NSISA) get the hidden matrices; the embeddings, output head and
-    vectors go to ``cfg.companion`` (AdamW by default), wrapped in :class:`pisa.Hybrid`.
+    Hybrid optimizers (Muon, NSISA), and any optimizer whose config has a ``companion``, get the
+    hidden matrices; the embeddings, output head and vectors go to ``cfg.companion`` (AdamW by
+    default), wrapped in :class:`pisa.Hybrid` (e.g. Shampoo on GPT-2, whose 50k-row embedding
+    no Kronecker preconditioner can hold).
     ``distributed`` is accepted for symmetry: PISA-family optimizers detect torchrun themselves.
     """
     del distributed
     spec = spec_of(str(cfg["name"]))
     kw = _kwargs(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    if not spec.hybrid:
+    if not (spec.hybrid or cfg.get("companion")):
         return _build_plain(spec, model, params, kw)
+    if spec.takes == "model":
+        raise ValueError(f"optimizer '{cfg['name']}' takes the whole model: it has no companion")
     from pisa import Hybrid, split_hidden_matrices
 
     routing = cfg.get("routing") or {}

@@ -171,3 +171,22 @@ def test_schedules() -> None:
     assert f(0) == 1.0 and f(50) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="constant"):
         lr_multiplier({"name": "linear"}, 10)
+
+
+def test_companion_routes_any_optimizer() -> None:
+    """An optimizer config with a companion trains hidden matrices only (Shampoo on GPT-2)."""
+    import torch
+    from torch import nn
+
+    from baselines import build_optimizer
+    from pisa import Hybrid
+
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 3))
+    cfg = {"name": "shampoo", "lr": 1e-3, "routing": {"exclude": ["2."]},
+           "companion": {"name": "adamw", "lr": 1e-3}}
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, Hybrid)
+    main_ids = {id(p) for g in opt.main.param_groups for p in g["params"]}
+    assert main_ids == {id(model[1].weight)}
+    assert isinstance(opt.companion, torch.optim.AdamW)
+    assert "shampoo" in type(opt.main).__name__.lower()
