@@ -102,14 +102,15 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes of every distinct tensor inside a nested dict / list / tuple."""
+    """Bytes of every distinct tensor storage inside a nested dict / list / tuple (views of one
+    buffer count once, for the whole buffer)."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
         key = obj.untyped_storage().data_ptr() if obj.numel() else id(obj)
         if key in seen:
             return 0
         seen.add(key)
-        return obj.numel() * obj.element_size()
+        return obj.untyped_storage().nbytes()
     if isinstance(obj, dict):
         return sum(tensor_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
