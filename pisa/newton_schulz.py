@@ -10,7 +10,8 @@ For a matrix :math:`G = U S V^\top`, the iteration drives every singular value o
 when the matrix is wide). The iteration acts on each singular value separately through the scalar
 polynomial ``p(x) = a x + b x^3 + c x^5``; with these coefficients five steps map ``(0, 1]`` into a
 band around one (about 0.7 to 1.2) rather than onto one, which is what Muon and NSISA want.
-Matrices with more rows than columns are transposed first so that ``A`` is the small Gram matrix.
+A matrix with more rows than columns gets the transposed iteration, written without transposes
+(``A = X^T X``, ``X = a X + X (b A + c A A)``), so that ``A`` is always the small Gram matrix.
 """
 
 from __future__ import annotations
@@ -74,24 +75,27 @@ def newton_schulz_(
     eps: float = 1e-7,
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
 ) -> Tensor:
-    """:func:`newton_schulz` on a tensor it may overwrite (runs in ``X``'s dtype). The result
-    may be a transposed view."""
+    """:func:`newton_schulz` on a tensor it may overwrite (runs in ``X``'s dtype).
+
+    A tall matrix uses the right-hand form ``A = X^T X``, ``X <- a X + X (b A + c A^2)``, which
+    is the transposed iteration written without transposes (the result stays contiguous)."""
     a, b, c = coefficients
     shape = X.shape
     if X.ndim > 3:
         X = X.reshape(-1, X.size(-2), X.size(-1))
-    transposed = X.size(-2) > X.size(-1)
-    if transposed:
-        X = X.mT
+    tall = X.size(-2) > X.size(-1)
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     X.div_(norm.add_(eps))
     mm, addmm = (torch.bmm, torch.baddbmm) if X.ndim == 3 else (torch.mm, torch.addmm)
     for _ in range(steps):
-        A = mm(X, X.mT)
-        B = addmm(A, A, A, beta=b, alpha=c)
-        X = addmm(X, B, X, beta=a)
-    if transposed:
-        X = X.mT
+        if tall:
+            A = mm(X.mT, X)
+            B = addmm(A, A, A, beta=b, alpha=c)
+            X = addmm(X, X, B, beta=a)
+        else:
+            A = mm(X, X.mT)
+            B = addmm(A, A, A, beta=b, alpha=c)
+            X = addmm(X, B, X, beta=a)
     return X.reshape(shape) if len(shape) > 3 else X
 
 

@@ -10,14 +10,12 @@ Hyperparameters live in the optimizer's param groups (so schedulers and ``state_
 :meth:`Preconditioner.defaults` supplies their default values. Per-worker state tensors (one
 parameter copy each) are named by :attr:`Preconditioner.state_keys` and kept by the optimizer.
 
-=================  ======================================================  ===================
-class              q                                                        state per worker
-=================  ======================================================  ===================
-``Identity``       ``1``                                                   none
-``SecondMoment``   ``sqrt(v / (1 - beta^t)) + eps``, ``v = beta v + (1-beta) s^2``  ``v``
-``AbsValue``       ``|s| + eps``                                           none
-``Hutchinson``     ``|h / (1 - beta^t)| + eps``, ``h = beta h + (1-beta) z*(H z)``  ``h``
-=================  ======================================================  ===================
+* ``Identity``: ``q = 1`` (no state);
+* ``SecondMoment`` (SISA): ``v = beta v + (1 - beta) s^2``, ``q = sqrt(v / (1 - beta^t)) + eps``
+  (state ``v``); ``EMA``: the same with ``beta = 0.9`` (NSISA's EMA variant);
+* ``AbsValue`` (NSISA): ``q = |s| + eps`` (no state);
+* ``Hutchinson``: ``h = beta h + (1 - beta) z * (H z)``, ``q = |h / (1 - beta^t)| + eps``
+  (state ``h``; Rademacher ``z``; needs ``create_graph=True``).
 """
 
 from __future__ import annotations
