@@ -34,10 +34,10 @@ NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
 
 def default_ns_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """bfloat16 on CUDA; elsewhere the parameter dtype, at least float32."""
-    if device.type == "cuda":
-        return torch.bfloat16
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """bfloat16 (as the paper and torch's Muon, on every device); float64 for float64 parameters
+    (reference checks)."""
+    del device
+    return torch.float64 if dtype == torch.float64 else torch.bfloat16
 
 
 def ns_polynomial(
