@@ -53,6 +53,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pisa
+from experiments.runtime import tensor_bytes
 
 Shapes = list[tuple[str, tuple[int, ...]]]
 
@@ -180,22 +181,6 @@ def fused_adamw_supported(device: torch.device) -> bool:
         return True
     except (RuntimeError, ValueError):
         return False
-
-
-def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes of every distinct tensor storage inside nested dicts / lists / tuples."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        key = obj.untyped_storage().data_ptr() if obj.numel() else id(obj)
-        if key in seen:
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v, seen) for v in obj)
-    return 0
 
 
 def sync(device: torch.device) -> None:
