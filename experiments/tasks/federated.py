@@ -50,7 +50,7 @@ from experiments.data.partition import label_counts, parse_scheme, partition
 from experiments.models import build_model
 from experiments.schedules import lr_multiplier
 from experiments.tasks.base import Task, to_device
-from experiments.trainer import Preempted, Trainer
+from experiments.trainer import Trainer
 
 __all__ = ["ADMMClients", "Federated", "resolve_method", "set_sigma_rho", "sigma_rho"]
 
@@ -443,10 +443,8 @@ class Federated(Task):
                 trainer.log("train", {**row, "lr": lr})
             if (eval_every and trainer.step % eval_every == 0) or trainer.step == total:
                 trainer.record_eval(self._evaluate_points(model, algo))
-            if (ckpt_every and trainer.step % ckpt_every == 0) or trainer.stop_requested():
-                trainer.save_checkpoint({"model": model.state_dict(), "method": algo.state_dict()})
-            if trainer.stop_requested():
-                bar.close()
-                raise Preempted(f"stopped at round {trainer.step}; resume with the same command")
+            trainer.checkpoint_or_stop(
+                lambda: {"model": model.state_dict(), "method": algo.state_dict()}, ckpt_every
+            )
         bar.close()
         trainer.finish(algo.optimizers(), n_params)
