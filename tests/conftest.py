@@ -27,6 +27,21 @@ def run_cfg(tmp_path: Path) -> Callable[..., tuple[dict[str, Any], Path]]:
     return _run
 
 
+@pytest.fixture
+def preempt_and_resume(run_cfg, tmp_path: Path) -> Callable[..., tuple[dict, dict, dict, Path]]:
+    """``preempt_and_resume(overrides, at=2)`` -> (uninterrupted summary, summary of the run
+    preempted at step ``at``, summary of that run resumed to the end, its run directory)."""
+
+    def _run(overrides: Sequence[str], at: int = 2) -> tuple[dict, dict, dict, Path]:
+        full, _ = run_cfg([*overrides, f"run.dir={tmp_path / 'full'}"])
+        cut = [*overrides, f"run.dir={tmp_path / 'cut'}"]
+        first, _ = run_cfg([*cut, f"train.preempt_at_step={at}"])
+        second, cut_dir = run_cfg(cut)
+        return full, first, second, cut_dir
+
+    return _run
+
+
 @pytest.fixture(autouse=True)
 def _quiet_logs() -> None:
     logging.getLogger("pisa-bench").setLevel(logging.WARNING)

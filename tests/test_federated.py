@@ -382,14 +382,11 @@ def test_fl_adult_rejects_sisa_with_a_baseline(run_cfg) -> None:
 
 
 @pytest.mark.parametrize("method,optim", [("admm", "sisa"), ("scaffold", "sgdm")])
-def test_fl_adult_resume_is_exact(method: str, optim: str, run_cfg, tmp_path: Path) -> None:
+def test_fl_adult_resume_is_exact(method: str, optim: str, preempt_and_resume) -> None:
     base = ["task=fl_adult", f"fl={method}", f"optim={optim}", "scale=smoke", "train.max_steps=4",
             "train.eval_every=1"]
-    full, _ = run_cfg([*base, "name=full"])
-    cut_dir = tmp_path / "cut"
-    cut, _ = run_cfg([*base, f"run.dir={cut_dir}", "train.preempt_at_step=2"])
+    full, cut, resumed, cut_dir = preempt_and_resume(base)
     assert cut["status"] == "preempted"
-    resumed, _ = run_cfg([*base, f"run.dir={cut_dir}"])
     assert resumed["status"] == "ok" and resumed["steps"] == 4
     assert resumed["final_metric"] == pytest.approx(full["final_metric"], abs=1e-9)
     acc = [float(r["value"]) for r in read_metrics(cut_dir / "metrics.csv")

@@ -138,13 +138,10 @@ def test_weight_clipping_keeps_the_trained_critic_in_range(run_cfg) -> None:
     assert max(float(v.abs().max()) for v in gen) > 0.01  # the generator is not clipped
 
 
-def test_wgan_gp_resume_reproduces_an_uninterrupted_run(run_cfg, tmp_path: Path) -> None:
+def test_wgan_gp_resume_reproduces_an_uninterrupted_run(preempt_and_resume) -> None:
     base = ["task=wgan_gp_cifar10", "optim=adamw", "scale=smoke", "train.max_steps=4"]
-    full, _ = run_cfg([*base, f"run.dir={tmp_path / 'full'}"])
-    cut = [*base, f"run.dir={tmp_path / 'cut'}"]
-    first, _ = run_cfg([*cut, "train.preempt_at_step=2"])
+    full, first, second, _ = preempt_and_resume(base)
     assert first["status"] == "preempted" and first["steps"] == 2
-    second, _ = run_cfg(cut)
     assert second["status"] == "ok" and second["steps"] == 4
     assert second["final_metric"] == pytest.approx(full["final_metric"], rel=1e-6)
 

@@ -225,13 +225,10 @@ def test_lstm_hidden_state_survives_state_dict(tmp_path: Path) -> None:
     assert state["hidden"] is not None and len(state["hidden"]) == 2
 
 
-def test_lstm_resume_reproduces_an_uninterrupted_run(run_cfg, tmp_path: Path) -> None:
+def test_lstm_resume_reproduces_an_uninterrupted_run(preempt_and_resume) -> None:
     base = ["task=lstm2_ptb", "optim=adam", "scale=smoke", "train.max_steps=4"]
-    full, _ = run_cfg([*base, f"run.dir={tmp_path / 'full'}"])
-    cut = [*base, f"run.dir={tmp_path / 'cut'}"]
-    first, _ = run_cfg([*cut, "train.preempt_at_step=2"])
+    full, first, second, _ = preempt_and_resume(base)
     assert first["status"] == "preempted" and first["steps"] == 2
-    second, _ = run_cfg(cut)
     assert second["status"] == "ok" and second["steps"] == 4
     assert second["final_metric"] == pytest.approx(full["final_metric"], rel=1e-9)
 
