@@ -60,8 +60,8 @@ class NSISA(PISA):
         nesterov: Nesterov momentum.
         ns_steps: Newton-Schulz iterations (>= 0).
         ns_dtype: dtype of the iteration (a ``torch.dtype`` or a name such as ``"bfloat16"``);
-            default bfloat16 on CUDA, otherwise the parameter's dtype promoted to at least
-            float32.
+            default bfloat16 on every device (as the paper and torch's Muon), float64 for
+            float64 parameters.
         ns_coefficients: ``(a, b, c)``.
         eps: added to ``q``.
         preconditioner: ``"abs"`` (``|s| + eps``, default), ``"ema"``
