@@ -5,8 +5,10 @@ One global step (an optimizer *round*) of the supervised loop::
     batch  <- next batch of task.train_batches(epoch)          (same on every rank)
     batch  <- this rank's 1/world share                          (torchrun only)
     for each of the m worker sub-batches (m = optimizer.n_workers in virtual mode, else 1):
-        zero grads; loss = task.loss(model, sub) under autocast; backward; clip
-        optimizer.step()          (PISA family: one worker's local step; the m-th ends the round)
+        zero grads
+        for each of the k micro-batches of the sub-batch (k = train.grad_accum):
+            loss = task.loss(model, micro) under autocast; backward of (n_micro / n_sub) * loss
+        clip; optimizer.step()    (PISA family: one worker's local step; the m-th ends the round)
     scheduler.step(); log; evaluate / checkpoint on cadence
 
 In torchrun mode PISA-family optimizers run their distributed round (one all-reduce); every
@@ -145,6 +147,11 @@ class Trainer:
         self, model: nn.Module, optim_cfg: DictConfig | None = None
     ) -> torch.optim.Optimizer:
         ocfg = self.cfg.optim if optim_cfg is None else optim_cfg
+        if not getattr(self, "_supervised", False) and self.grad_accum() != 1:
+            raise Incompatible(
+                f"train.grad_accum applies to the shared supervised loop; task "
+                f"'{self.task.tcfg.name}' has its own loop (set train.grad_accum=1)"
+            )
         opt = build_optimizer(model, ocfg, distributed=self.dist.world > 1)
         return opt
 
@@ -314,16 +321,15 @@ class Trainer:
         return int(self.tc.max_steps)
 
     def batches(self) -> Iterator[Any]:
-        """Endless batches from the current position, skipping those done before a resume."""
+        """Endless batches from the current position: an epoch resumed at batch ``b`` starts
+        ``task.train_batches(epoch, b)`` there (the batches before are not produced)."""
         while True:
-            empty = True
-            for i, batch in enumerate(self.task.train_batches(self.epoch)):
+            empty, start = True, self.batch_in_epoch
+            for i, batch in enumerate(self.task.train_batches(self.epoch, start), start=start):
                 empty = False
-                if i < self.batch_in_epoch:
-                    continue
                 self.batch_in_epoch = i + 1
                 yield batch
-            if empty:
+            if empty and start == 0:
                 raise RuntimeError(f"task {self.task.tcfg.name} yielded no training batch")
             self.epoch += 1
             self.batch_in_epoch = 0
@@ -341,9 +347,40 @@ class Trainer:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def grad_accum(self) -> int:
+        """``train.grad_accum`` (micro-batches per worker gradient), checked."""
+        k = self.tc.get("grad_accum")
+        k = 1 if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"train.grad_accum must be an integer >= 1, not {k!r}")
+        return k
+
+    def worker_gradient(
+        self, task: Task, model: nn.Module, sub: Any, accum: int, create_graph: bool
+    ) -> float:
+        r"""Accumulate one worker's gradient over ``accum`` micro-batches of ``sub``; its loss.
+
+        Micro-batch :math:`j` (:math:`n_j` samples of :meth:`Task.count`, :math:`n = \sum_j n_j`)
+        adds :math:`(n_j/n)\,\nabla \ell_j`, so the gradient is
+        :math:`\sum_j (n_j/n)\nabla \ell_j`: the average over the micro-batches, which equals the
+        gradient of ``sub`` in one piece for a per-sample mean loss. The optimizer step (one
+        worker's local step for the PISA family, so a round still has m workers) follows once.
+        """
+        micro = task.split_batch(sub, accum) if accum > 1 else [sub]
+        counts = [task.count(b) for b in micro]
+        total, value = float(sum(counts)), 0.0
+        for b, n in zip(micro, counts):
+            w = n / total
+            with autocast(self.device, self.tc.precision):
+                loss = task.loss(model, b)
+            (loss * w if len(micro) > 1 else loss).backward(create_graph=create_graph)
+            value += w * float(loss.detach())
+        return value
+
     def fit(self, task: Task) -> None:
         """Train a supervised task to ``train.max_steps`` (or ``train.epochs``)."""
         tc = self.tc
+        self._supervised = True
         model = task.build_model().to(self.device)
         opt = self.make_optimizer(model)
         needs = optimizer_needs(self.cfg.optim)
@@ -356,6 +393,7 @@ class Trainer:
         pisa_family = hasattr(opt, "round_done")
         distributed = self.dist.world > 1
         m = 1 if distributed else int(getattr(opt, "n_workers", 1))
+        accum = self.grad_accum()
         self.max_steps = total = self.total_steps()
         sched = self.make_scheduler(opt, total)
         state = self.load_checkpoint()
@@ -388,15 +426,12 @@ class Trainer:
             subs = task.split_batch(batch, m)
             for sub in subs:
                 opt.zero_grad(set_to_none=True)
-                with autocast(self.device, tc.precision):
-                    loss = task.loss(model, sub)
-                loss.backward(create_graph=create_graph)
+                loss_sum += self.worker_gradient(task, model, sub, accum, create_graph)
                 if distributed and not pisa_family:
                     self._sync_grads(model)
                 if clip:
                     nn.utils.clip_grad_norm_(model.parameters(), float(clip))
                 self.optimizer_step(opt)
-                loss_sum += float(loss.detach())
             sched.step()
             self.end_round()
             self.step += 1

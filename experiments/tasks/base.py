@@ -8,8 +8,8 @@ checkpoint/resume, NaN guard, progress bar).
 
 Determinism contract (resume continuity): every random choice a task makes about data
 (shuffling, augmentation, synthetic samples, partitions) comes from a ``torch.Generator``
-seeded from ``(seed, epoch)``, never from the global RNG, so that the trainer can skip the
-batches already done in an epoch and land on exactly the same batch after a resume.
+seeded from ``(seed, epoch)``, never from the global RNG, so that a resume continues an epoch at
+exactly the same batch: ``train_batches(epoch, start)`` starts at batch ``start`` directly.
 """
 
 from __future__ import annotations
@@ -79,8 +79,10 @@ class Task(ABC):
     def build_model(self) -> nn.Module:
         """The model, on CPU; the trainer moves it to the device."""
 
-    def train_batches(self, epoch: int) -> Iterable[Any]:
-        """One pass over the training data in an order fixed by ``(seed, epoch)``."""
+    def train_batches(self, epoch: int, start: int = 0) -> Iterable[Any]:
+        """One pass over the training data in an order fixed by ``(seed, epoch)``, from batch
+        ``start`` on: the same batches as ``list(train_batches(epoch))[start:]``, without
+        reading or decoding the ``start`` batches before (how a resume continues an epoch)."""
         raise NotImplementedError(f"{type(self).__name__} has its own loop")
 
     def steps_per_epoch(self) -> int | None:

@@ -145,11 +145,11 @@ class WGAN(Task):
     def steps_per_epoch(self) -> int:
         return max(len(self.train_x) // int(self.cfg.train.batch_size), 1)
 
-    def train_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         g = epoch_generator(self.seed, epoch)
         n, bs = len(self.train_x), min(int(self.cfg.train.batch_size), len(self.train_x))
         perm = torch.randperm(n, generator=g)
-        for i in range(self.steps_per_epoch()):
+        for i in range(start, self.steps_per_epoch()):
             yield self.to_input(self.train_x[perm[i * bs : (i + 1) * bs]])
 
     def count(self, batch: Any) -> int:

@@ -10,12 +10,13 @@ is imported only here, lazily. With ``task.data.synthetic: true`` (the smoke sca
 :class:`~experiments.tasks.vision.ImageClassification` on synthetic images with the in-project
 model the config names, so it runs on a CPU machine without torchvision.
 
-Determinism: the sample order comes from the ``(seed, epoch)`` generator; the DataLoader's worker
-seeds are drawn from that generator too, so with a fixed ``data.workers`` the augmentation of
-each batch is fixed by ``(seed, epoch)`` (``data.workers`` must be > 0: with 0 the transforms
-draw from the global RNG). A resume re-reads (and discards) the batches already done
-in the current epoch, as the shared trainer skips them. Under torchrun every rank loads the whole
-global batch and keeps its share (the trainer's split), which wastes decoding on the other ranks.
+Determinism: the sample order comes from the ``(seed, epoch)`` generator, and the random
+transforms of the image at position ``k`` of an epoch run under the torch RNG seeded with
+``base + k`` (``base`` drawn from the same generator; :class:`SeededSubset`), so the augmentation is
+fixed by ``(seed, epoch, k)`` whatever ``data.workers`` is. A resume starts the epoch's loader at
+the first batch not done (``train_batches(epoch, start)``): the images before are not read. Under
+torchrun every rank loads the whole global batch and keeps its share (the trainer's split), which
+wastes decoding on the other ranks.
 """
 
 from __future__ import annotations
@@ -69,6 +70,22 @@ def resnet18(num_classes: int = 1000) -> nn.Module:
     return Headed(import_torchvision().models.resnet18(weights=None, num_classes=num_classes), "fc")
 
 
+class SeededSubset(torch.utils.data.Dataset):
+    """``dataset[indices[k]]`` with the torch RNG seeded ``base + k`` for its transforms (the
+    caller's RNG state is restored afterwards, in the main process and in loader workers alike)."""
+
+    def __init__(self, dataset: Any, indices: list[int], base: int, offset: int = 0) -> None:
+        self.dataset, self.indices, self.base, self.offset = dataset, indices, base, offset
+
+    def __len__(self) -> int:
+        return len(self.indices) - self.offset
+
+    def __getitem__(self, k: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.base + self.offset + k)
+            return self.dataset[self.indices[self.offset + k]]
+
+
 class ImageNetClassification(ImageClassification):
     """ResNet-18 on ImageNet-1k from ImageFolder directories; synthetic data at smoke scale."""
 
@@ -116,12 +133,13 @@ class ImageNetClassification(ImageClassification):
             return super().build_model()
         return build_model(self.tcfg.model, num_classes=self.num_classes)
 
-    def _loader(self, dataset: Any, indices: torch.Tensor, batch_size: int, drop_last: bool,
+    def _loader(self, dataset: Any, batch_size: int, drop_last: bool,
                 generator: torch.Generator | None) -> torch.utils.data.DataLoader:
+        """In order; ``generator``: what the loader draws its worker seeds from (not the global
+        RNG; the transforms' randomness is :class:`SeededSubset`'s)."""
         w = int(self.tcfg.data.workers)
         return torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, indices.tolist()), batch_size=batch_size,
-            shuffle=False, drop_last=drop_last, num_workers=w,
+            dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last, num_workers=w,
             pin_memory=self.device.type == "cuda", generator=generator,
         )
 
@@ -130,20 +148,22 @@ class ImageNetClassification(ImageClassification):
             return super().steps_per_epoch()
         return max(len(self.train_index) // int(self.cfg.train.batch_size), 1)
 
-    def train_batches(self, epoch: int) -> Iterator[Any]:
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[Any]:
         if self._synthetic():
-            yield from super().train_batches(epoch)
+            yield from super().train_batches(epoch, start)
             return
         g = epoch_generator(self.seed, epoch)
         order = self.train_index[torch.randperm(len(self.train_index), generator=g)]
-        yield from self._loader(self.train_set, order, int(self.cfg.train.batch_size), True, g)
+        base = int(torch.randint(0, 2**62, (1,), generator=g))
+        bs = int(self.cfg.train.batch_size)
+        subset = SeededSubset(self.train_set, order.tolist(), base, offset=start * bs)
+        yield from self._loader(subset, bs, True, g)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if self._synthetic():
             return super().evaluate(model)
-        loader = self._loader(self.val_set, torch.arange(len(self.val_set)),
-                              int(self.cfg.train.eval_batch_size), False, None)
+        loader = self._loader(self.val_set, int(self.cfg.train.eval_batch_size), False, None)
         top1 = top5 = 0
         loss_sum, n = 0.0, 0
         for x, y in loader:

@@ -149,14 +149,14 @@ class GPTPretraining(Task):
     def steps_per_epoch(self) -> int:
         return max(len(self.train_windows) // int(self.cfg.train.batch_size), 1)
 
-    def train_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         bs = int(self.cfg.train.batch_size)
         n = len(self.train_windows)
         if self.tcfg.data.get("shuffle", True):
             order = torch.randperm(n, generator=epoch_generator(self.seed, epoch))
         else:
             order = torch.arange(n)
-        for i in range(self.steps_per_epoch()):
+        for i in range(start, self.steps_per_epoch()):
             yield self.train_windows.batch(order[i * bs : (i + 1) * bs].tolist())
 
     def count(self, batch: torch.Tensor) -> int:
@@ -290,10 +290,10 @@ class GPT2Finetune(Task):
     def steps_per_epoch(self) -> int:
         return max(len(self.train_ids) // int(self.cfg.train.batch_size), 1)
 
-    def train_batches(self, epoch: int) -> Iterator[torch.Tensor]:
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         bs = min(int(self.cfg.train.batch_size), len(self.train_ids))
         perm = torch.randperm(len(self.train_ids), generator=epoch_generator(self.seed, epoch))
-        for i in range(self.steps_per_epoch()):
+        for i in range(start, self.steps_per_epoch()):
             yield self.train_ids[perm[i * bs : (i + 1) * bs]]
 
     def _loss_sum(self, model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -384,8 +384,8 @@ class LSTMLanguageModel(Task):
     def steps_per_epoch(self) -> int:
         return (self.train_data.shape[0] - 1) // self.bptt
 
-    def train_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
-        for i in range(self.steps_per_epoch()):
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        for i in range(start, self.steps_per_epoch()):
             s = i * self.bptt
             yield {"tokens": self.train_data[s : s + self.bptt + 1], "start": s}
 

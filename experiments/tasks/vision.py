@@ -23,13 +23,27 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def augment_draws(
+    n: int, pad: int, flip: bool, g: torch.Generator
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The random draws of :func:`augment` for ``n`` images, in its order: crop offsets
+    ``(dy, dx)`` (with ``pad``) and the flip mask (with ``flip``). A skipped batch makes them
+    alone, so that the batches after it see the same generator state."""
+    dy = dx = mask = None
+    if pad:
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    if flip:
+        mask = torch.rand(n, generator=g) < 0.5
+    return dy, dx, mask
+
+
 def augment(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
     """Random crop after zero padding by ``pad`` and random horizontal flip (uint8 batch)."""
     n, _, h, w = x.shape
-    if pad:
+    dy, dx, mask = augment_draws(n, pad, flip, g)
+    if dy is not None and dx is not None:
         padded = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
         rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
         x = padded[
@@ -38,8 +52,7 @@ def augment(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.
             rows,
             cols,
         ]
-    if flip:
-        mask = torch.rand(n, generator=g) < 0.5
+    if mask is not None:
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
 
@@ -71,7 +84,9 @@ class ImageClassification(Task):
     def steps_per_epoch(self) -> int:
         return max(len(self.data.train_x) // int(self.cfg.train.batch_size), 1)
 
-    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(
+        self, epoch: int, start: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = epoch_generator(self.seed, epoch)
         n, bs = len(self.data.train_x), int(self.cfg.train.batch_size)
         bs = min(bs, n)
@@ -79,6 +94,10 @@ class ImageClassification(Task):
         aug = self.tcfg.data.get("augment") or {}
         for i in range(self.steps_per_epoch()):
             idx = perm[i * bs : (i + 1) * bs]
+            if i < start:  # skipped: only its augmentation draws, to keep the generator's state
+                if aug:
+                    augment_draws(len(idx), int(aug.get("pad", 0)), bool(aug.get("flip", False)), g)
+                continue
             x = self.data.train_x[idx]
             if aug:
                 x = augment(x, int(aug.get("pad", 0)), bool(aug.get("flip", False)), g)
