@@ -6,7 +6,9 @@ The PISA paper's data-heterogeneity study: ``m`` clients hold partitions of the 
 same number of communication rounds (``train.max_steps``). Metric: the global model's test
 accuracy, logged every ``train.eval_every`` rounds.
 
-Which method runs (``fl.method``, config group ``fl=``; the optimizer is ``optim=``):
+Which method runs (``fl.method``, the top-level config group ``fl=``, which brings its local
+optimizer: ``fl=admm`` selects ``optim=sisa``, every baseline ``optim=sgdm``; an explicit ``optim=``
+replaces it):
 
 - ``admm``: the PISA family (``optim=sisa|pisa|nsisa``) as ADMM clients. The optimizer runs in
   virtual-worker mode with ``n_workers = m`` and ``alpha_i = n_i / n``; in each round every
@@ -75,8 +77,8 @@ def resolve_method(method: str, optim: str) -> str:
     if pisa:
         raise ValueError(
             f"fl={method} trains each client with an ordinary local optimizer, and optim={optim} "
-            f"is an ADMM method of its own (fl=admm). Add optim=sgdm for the paper's local SGD "
-            f"(or any non-PISA optimizer)."
+            f"is an ADMM method of its own (fl=admm). Drop optim={optim} (fl={method} brings the "
+            f"paper's local SGD, optim=sgdm) or give a non-PISA optimizer."
         )
     return method
 

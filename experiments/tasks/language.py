@@ -11,7 +11,8 @@
   (:mod:`experiments.models.lstm`) trained by truncated BPTT; the m workers of a PISA round take
   consecutive pieces of each BPTT window (:meth:`LSTMLanguageModel.split_batch` cuts along time)
   and the hidden state runs through them and across windows; it is task state, so checkpoints
-  carry it. Primary metric: test perplexity.
+  carry it. One process only (torchrun is refused: a rank cannot receive the hidden state of the
+  previous piece). Primary metric: test perplexity.
 """
 
 from __future__ import annotations
@@ -333,9 +334,9 @@ class LSTMLanguageModel(Task):
     ``tokens``: rows ``start .. start + L`` of the batchified stream, shape (L + 1, B) (inputs are
     the first L rows, targets the last L); ``start``: the row of the first input in the stream.
     The training hidden state continues from the previous piece; it restarts at zero at row 0
-    (a new epoch). Under torchrun each rank takes one piece of the window and its hidden state
-    continues from its own piece of the previous window (the sequential hand-over of the paper's
-    simulated workers exists only in virtual-worker mode).
+    (a new epoch). One process only: the m workers run in sequence (virtual workers, as the
+    paper's code simulates them on one GPU), because piece k needs the hidden state piece k - 1
+    ends with; under torchrun a rank could not receive it, so ``setup`` refuses ``WORLD_SIZE > 1``.
     """
 
     train_data: torch.Tensor
@@ -347,6 +348,13 @@ class LSTMLanguageModel(Task):
         self.hidden: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def setup(self) -> None:
+        world = _world()[1]
+        if world > 1:
+            raise ValueError(
+                f"task {self.tcfg.name} runs in one process (got {world} torchrun processes): its "
+                f"workers take consecutive pieces of each BPTT window, each starting from the "
+                f"hidden state the previous piece ends with; run `python run.py` without torchrun "
+                f"(the m workers are virtual: optim.n_workers)")
         d = self.tcfg.data
         bsz, ebsz = int(self.cfg.train.batch_size), int(self.cfg.train.eval_batch_size)
         if d.synthetic:
