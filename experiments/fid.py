@@ -8,7 +8,8 @@ with means ``mu`` and covariances ``S`` (unbiased, ``n - 1``), the matrix square
 ``scipy.linalg.sqrtm`` in float64, as pytorch-fid computes it (a small ridge ``eps * I`` is
 added to both covariances only when the product is singular; an imaginary part beyond 1e-3
 on the diagonal is an error). FD is biased upwards for small sample sizes: compare values
-computed with the same ``n``.
+computed with the same ``n``. Non-finite statistics (a diverged generator) give ``nan``: the
+distance is undefined, and the trainer's divergence check turns it into a ``diverged`` run.
 
 Two feature extractors, never confused (the metric is named ``fid_inception`` or
 ``fid_classifier`` by the extractor in use):
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -66,6 +68,8 @@ def frechet_distance(
         raise ValueError(
             f"shape mismatch: means {mu1.shape} / {mu2.shape}, covariances {s1.shape} / {s2.shape}"
         )
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
+        return math.nan  # undefined (see the module docstring)
     diff = mu1 - mu2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

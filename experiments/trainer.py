@@ -56,11 +56,17 @@ from experiments.tasks.base import Task, to_device
 log = logging.getLogger("pisa-bench")
 
 
-class Diverged(RuntimeError):
-    """The loss or the primary metric became NaN or infinite."""
+#: Default of ``task.explode_above``: a watched quantity whose magnitude exceeds it has exploded
+#: (e.g. a perplexity above 1e10, a loss of 23 nats on a word model, is divergence, not a result).
+EXPLODE_ABOVE = 1e10
 
-    def __init__(self, step: int, what: str, value: float) -> None:
-        super().__init__(f"{what} is {value} at step {step}")
+
+class Diverged(RuntimeError):
+    """A watched quantity (loss, evaluation metric) became NaN, infinite or exploded."""
+
+    def __init__(self, step: int, what: str, value: float, limit: float | None = None) -> None:
+        why = f" (|value| above task.explode_above={limit:g})" if limit is not None else ""
+        super().__init__(f"{what} is {value} at step {step}{why}")
         self.step = step
 
 
@@ -178,8 +184,19 @@ class Trainer:
         self._opt_steps += 1
 
     def check_finite(self, value: float, what: str) -> None:
+        """Raise :class:`Diverged` when ``value`` is NaN, infinite or exploded:
+        ``|value| > task.explode_above`` (default :data:`EXPLODE_ABOVE`)."""
         if not math.isfinite(value):
             raise Diverged(self.step, what, value)
+        limit = self.task.tcfg.get("explode_above")
+        limit = EXPLODE_ABOVE if limit is None else float(limit)
+        if abs(value) > limit:
+            raise Diverged(self.step, what, value, limit)
+
+    def check_metrics(self, metrics: dict[str, float], keys: Iterable[str] | None = None) -> None:
+        """:meth:`check_finite` on every entry of ``metrics`` (or on those of ``keys`` it has)."""
+        for k in metrics if keys is None else [k for k in keys if k in metrics]:
+            self.check_finite(float(metrics[k]), k)
 
     def log(self, split: str, metrics: dict[str, float], step: int | None = None) -> None:
         if self.record is None or not metrics:
@@ -197,7 +214,7 @@ class Trainer:
             raise KeyError(f"task {task.tcfg.name} evaluation lacks its metric '{task.metric}'")
         self.log(task.metric_split, metrics)
         value = float(metrics[task.metric])
-        self.check_finite(value, task.metric)
+        self.check_metrics(metrics)
         better = self.best is None or (
             value < self.best if task.lower_is_better else value > self.best
         )

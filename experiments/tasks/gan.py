@@ -227,11 +227,16 @@ class WGAN(Task):
             for i in range(0, n, bs)
         ]
         gen.train(was_training)
+        fake = torch.cat(fakes)
+        # The generator's output (eval mode: BN running statistics) is watched too: when it is
+        # non-finite the FID is undefined (nan), so the run ends `diverged`, not with an error.
+        out = {"generator_abs_max": float(fake.abs().max())}
+        if not math.isfinite(out["generator_abs_max"]):
+            return {**out, self.metric: math.nan}
         mu, sigma = self._reference_stats()
         return {
-            self.metric: frechet_distance(
-                mu, sigma, *gaussian_stats(self.extractor(torch.cat(fakes)))
-            )
+            **out,
+            self.metric: frechet_distance(mu, sigma, *gaussian_stats(self.extractor(fake))),
         }
 
     # --- the loop -----------------------------------------------------------------------
@@ -360,7 +365,7 @@ class WGAN(Task):
             trainer.end_round()
             trainer.step += 1
             trainer.samples += len(real)
-            trainer.check_finite(row["loss_d"], "critic loss")
+            trainer.check_metrics(row, ("loss_d", "wasserstein", "gp", "loss_g"))  # both losses
             bar.update(1)
             if trainer.step % log_every == 0 or trainer.step == total:
                 row["lr"] = opt_d.param_groups[0]["lr"]

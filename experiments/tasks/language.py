@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import sys
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -43,6 +44,12 @@ log = logging.getLogger("pisa-bench")
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of all data randomness of one epoch (as vision.py)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` (nats per token), ``inf`` where it overflows a float; never clamped, so an
+    exploded loss shows as an exploded (or infinite) perplexity and the run ends ``diverged``."""
+    return math.inf if loss >= math.log(sys.float_info.max) else math.exp(loss)  # nan stays nan
 
 
 def _world() -> tuple[int, int]:
@@ -186,7 +193,7 @@ class GPTPretraining(Task):
             count += b[:, 1:].numel()
         total, count = _sum_across_ranks([total, count], self.device)
         loss = total / max(count, 1.0)
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        return {"loss": loss, "ppl": perplexity(loss)}
 
 
 # ============================================================================================
@@ -322,7 +329,7 @@ class GPT2Finetune(Task):
             total, count = total + float(s), count + n
         total, count = _sum_across_ranks([total, count], self.device)
         loss = total / max(count, 1.0)
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        return {"loss": loss, "ppl": perplexity(loss)}
 
 
 # ============================================================================================
@@ -458,7 +465,7 @@ class LSTMLanguageModel(Task):
             loss = self._stream_loss(model, data)
             prefix = "" if split == self.metric_split else f"{split}_"
             out[f"{prefix}loss"] = loss
-            out[f"{prefix}ppl"] = math.exp(min(loss, 50.0))
+            out[f"{prefix}ppl"] = perplexity(loss)
         return out
 
     def state_dict(self) -> dict[str, Any]:

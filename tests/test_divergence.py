@@ -1,0 +1,100 @@
+"""Divergence is detected on every quantity a task optimizes, and never clamped into an ok run.
+
+A run whose watched quantity (a loss, an evaluation metric, the generator's output) is NaN,
+infinite or exploded (``|value| > task.explode_above``, default
+:data:`experiments.trainer.EXPLODE_ABOVE`) ends ``diverged`` with its step, never ``failed`` with
+a numerical error from downstream code, and never ``ok`` with a clamped finite metric.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.fid import frechet_distance
+from experiments.tasks.language import perplexity
+from experiments.trainer import EXPLODE_ABOVE
+
+WGAN = ["task=wgan_cifar10", "scale=smoke", "train.threads=1", "optim=sgdm"]
+LSTM = ["task=lstm1_ptb", "scale=smoke", "train.threads=1", "optim=sgdm", "train.max_steps=20"]
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_wgan_generator_blowup_is_diverged_not_failed(run_cfg) -> None:
+    """SGD at lr 1e6: the critic (weight-clipped) and both training losses stay finite, but the
+    generator's eval-mode output is NaN at the first evaluation (step 8, the end of the first
+    epoch of 64 synthetic images): FID is undefined there, and the run is ``diverged`` at step 8
+    (before: ``failed`` with a scipy sqrtm error)."""
+    summary, run_dir = run_cfg([*WGAN, "optim.lr=1e6", "train.max_steps=16"])
+    assert summary["status"] == "diverged", summary.get("error")
+    assert summary["diverged_step"] == 8
+    assert "generator_abs_max is nan at step 8" in summary["error"]
+    train = [r for r in _rows(run_dir) if r["split"] == "train" and r["metric"] == "loss_d"]
+    assert len(train) == 8 and all(math.isfinite(float(r["value"])) for r in train)
+
+
+def test_wgan_sane_run_logs_a_finite_generator_output(run_cfg) -> None:
+    summary, run_dir = run_cfg([*WGAN, "optim.lr=1e-3", "train.max_steps=8"])
+    assert summary["status"] == "ok", summary.get("error")
+    (row,) = [r for r in _rows(run_dir) if r["metric"] == "generator_abs_max"]
+    assert 0.0 < float(row["value"]) <= 1.0  # tanh output
+
+
+def test_lstm_exploded_perplexity_is_diverged(run_cfg) -> None:
+    """SGD at lr 1e3 drives the word model's test loss past 50 nats (perplexity > 5e21, what
+    the former clamp ``exp(min(loss, 50))`` reported as an ok run): now ``diverged``."""
+    summary, run_dir = run_cfg([*LSTM, "optim.lr=1e3"])
+    assert summary["status"] == "diverged", summary.get("error")
+    assert summary["diverged_step"] == 20
+    assert "ppl is" in summary["error"] and "explode_above" in summary["error"]
+    (ppl,) = [float(r["value"]) for r in _rows(run_dir) if r["metric"] == "ppl"]
+    (loss,) = [
+        float(r["value"]) for r in _rows(run_dir) if r["metric"] == "loss" and r["split"] == "test"
+    ]
+    assert ppl == pytest.approx(math.exp(loss)) and ppl > EXPLODE_ABOVE  # reported unclamped
+
+
+def test_explode_threshold_is_the_task_config(run_cfg) -> None:
+    """The same sane LSTM run is ok by default and diverged under a perplexity limit of 10."""
+    ok, _ = run_cfg([*LSTM, "optim.lr=10", "name=default_limit"])
+    assert ok["status"] == "ok" and 10 < ok["final_metric"] < 1e3
+    low, _ = run_cfg([*LSTM, "optim.lr=10", "name=low_limit", "+task.explode_above=10"])
+    assert low["status"] == "diverged" and "explode_above=10" in low["error"]
+
+
+def test_perplexity_is_never_clamped() -> None:
+    assert perplexity(60.0) == pytest.approx(math.exp(60.0))
+    assert perplexity(800.0) == math.inf  # exp overflows a float: infinite, not an error
+    assert math.isnan(perplexity(math.nan))
+
+
+def test_frechet_distance_of_non_finite_statistics_is_nan() -> None:
+    mu, cov = np.zeros(3), np.eye(3)
+    assert frechet_distance(mu, cov, mu, cov) == pytest.approx(0.0, abs=1e-9)
+    assert math.isnan(frechet_distance(mu, cov, np.full(3, np.nan), cov))
+    assert math.isnan(frechet_distance(mu, cov, mu, np.full((3, 3), np.inf)))
+
+
+def test_wgan_generator_loss_is_watched(run_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-finite generator loss (its round at step 3) ends the run at step 3, whatever the
+    critic's loss does (both GAN losses are watched)."""
+    from experiments.tasks.gan import WGAN as GanTask
+
+    original = GanTask.generator_round
+
+    def round_(self, model, opt, batch_size, trainer, create_graph=False):  # type: ignore[no-untyped-def]
+        row = original(self, model, opt, batch_size, trainer, create_graph)
+        return {**row, "loss_g": math.inf} if trainer.step == 2 else row
+
+    monkeypatch.setattr(GanTask, "generator_round", round_)
+    summary, _ = run_cfg([*WGAN, "optim.lr=1e-3", "train.max_steps=6"])
+    assert summary["status"] == "diverged" and summary["diverged_step"] == 3
+    assert "loss_g is inf at step 3" in summary["error"]
