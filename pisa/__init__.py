@@ -17,6 +17,7 @@ from .preconditioners import (
     SecondMoment,
     hutchinson_diagonal,
 )
+from .protocol import ConsensusOptimizer, is_consensus
 from .routing import DEFAULT_EXCLUDE, Hybrid, hybrid, hybrid_nsisa, split_hidden_matrices
 from .sisa import SISA
 
@@ -28,6 +29,7 @@ __all__ = [
     "PISA",
     "SISA",
     "AbsValue",
+    "ConsensusOptimizer",
     "Hutchinson",
     "Hybrid",
     "Identity",
@@ -37,6 +39,7 @@ __all__ = [
     "hutchinson_diagonal",
     "hybrid",
     "hybrid_nsisa",
+    "is_consensus",
     "newton_schulz",
     "orthogonalize",
     "preconditioners",

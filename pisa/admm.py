@@ -8,6 +8,7 @@ state and telemetry. SISA and NSISA (:mod:`pisa.sisa`, :mod:`pisa.nsisa`) only c
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -18,13 +19,28 @@ from torch.optim.optimizer import ParamsT
 
 from . import distributed as pdist
 from .preconditioners import Preconditioner, make_preconditioner
+from .protocol import picklable_state
 
 __all__ = ["PISA"]
 
 _EXTRA_KEY = "pisa"
+_NONE_GRAD = ("skip", "zero")
+
+LR = float | Tensor
 
 
-def _resolve_lr(lr: float | None, sigma: float, rho: float | None) -> float:
+def _lr_value(lr: Any) -> float:
+    """``lr`` as a float: a number, or a one-element Tensor (as torch optimizers accept)."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr as a Tensor must hold one value, got shape {tuple(lr.shape)}")
+        return float(lr)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise ValueError(f"lr must be a float or a one-element Tensor, got {lr!r}")
+    return float(lr)
+
+
+def _resolve_lr(lr: LR | None, sigma: float, rho: float | None) -> LR:
     if rho is None:
         return 1e-3 if lr is None else lr
     if lr is not None:
@@ -95,7 +111,7 @@ class PISA(Optimizer):
 
         sigma_t = sigma * lr_0 / lr_t ,  rho_t = 1 / lr_t - sigma_t    (lr_t = 1/(sigma_t + rho_t))
         for each worker i (a virtual worker's step() call, or one rank):
-            g_i  = grad F_i(w)   [+ kappa * w   if weight decay is coupled]
+            g_i  = grad F_i(w)   [+ kappa * w   if weight decay is coupled]   (-grad: maximize)
             d_i  = direction(g_i)          PISA/SISA: g_i ; NSISA: orthogonalised momentum
             s_i  = d_i + pi_i
             q_i  = preconditioner(s_i)     Identity: 1 ; SISA: sqrt(v_hat) + eps ; NSISA: |s|+eps
@@ -110,8 +126,10 @@ class PISA(Optimizer):
 
     Step size: the group's ``lr`` is ``1 / (sigma + rho)``; ``sigma`` is its value at the initial
     ``lr_0`` (stored as ``group['lr0']``) and the ratio ``sigma / rho`` is kept when a scheduler
-    edits ``group['lr']``. ``lr`` is read once per round (at the round's first ``step()``) and held
-    for the round (``group['round_lr']``). ``lr_t = 0`` is allowed (``w`` then stays put).
+    edits ``group['lr']``: with ``c = sigma * lr_0`` the local step is
+    ``w_i - w = -lr_t * s / (c + (1 - c) q)``. ``lr`` is read once per round (at the round's first
+    ``step()``) and held for the round (``group['round_lr']``). ``lr_t = 0`` is allowed (``w``
+    then stays put). ``lr`` may be a float or a one-element Tensor.
 
     Workers:
 
@@ -121,19 +139,33 @@ class PISA(Optimizer):
     * distributed (``torch.distributed`` initialised; ``distributed=None`` picks it when the world
       size is > 1): one rank is one worker, ``n_workers`` is the world size and every ``step()`` is
       a full round with one ``all_reduce``. Ranks must start from equal parameters (see
-      :func:`pisa.distributed.broadcast_parameters`).
+      :func:`pisa.distributed.prepare`) and must *not* average gradients themselves (no
+      ``DistributedDataParallel`` gradient sync): the first step checks both with one small
+      all-reduce and raises with the fix (``check_distributed=False`` turns the check off).
 
-    Parameters with ``requires_grad=False`` are skipped; a trainable parameter whose ``.grad`` is
-    ``None`` has a zero gradient in that worker's step (``F_i`` does not depend on it).
+    Missing gradients (``none_grad="skip"``, the default, as ``torch.optim``): a parameter whose
+    ``.grad`` is ``None`` in every worker of a round is not touched (value, dual, state, weight
+    decay, L2); a worker that has no gradient for it while others do keeps its dual and state and
+    its local copy at ``w`` (``w_i = w``). ``none_grad="zero"``: a missing gradient is a zero
+    gradient (``F_i`` does not depend on the parameter, the exact ADMM for that case; the dual and
+    the decay terms then keep moving it). Parameters with ``requires_grad=False`` are skipped.
+
+    ``step()`` is excluded from ``torch.compile`` (``torch.compiler.disable``): compiling it, or
+    a training step that calls it, runs it eagerly (a graph break), so the round position and the
+    bias-correction counter stay exact; compile the model instead.
 
     Args:
-        params: parameters or param groups.
+        params: parameters or param groups (each group may set its own hyperparameters).
         lr: ``1 / (sigma + rho)`` at the start (default ``1e-3``); must be in ``(0, 1/sigma)``.
-        sigma: ADMM penalty at ``lr``; must be in ``(0, 1/lr)``.
+            A float or a one-element Tensor.
+        sigma: ADMM penalty at ``lr``; must be in ``(0, 1/lr)``. See the README, "Choosing sigma
+            and lr": ``c = sigma * lr`` is the fraction of the step that does not scale with
+            ``q``.
         rho: alternative to ``lr``: gives ``lr = 1 / (sigma + rho)``; must be > 0.
         l2_lambda: global L2 ``lambda >= 0`` on ``w`` (the ``(sigma + lambda)`` in the update).
         weight_decay: ``kappa >= 0``; coupled (added to ``g``) unless
             ``decoupled_weight_decay=True`` (``w_i -= lr * kappa * w``, as AdamW).
+        decoupled_weight_decay: see ``weight_decay``.
         preconditioner: a :class:`~pisa.preconditioners.Preconditioner` or a name
             (``identity``, ``second_moment``, ``abs``, ``ema``, ``hutchinson``).
         n_workers: virtual workers ``m >= 1`` (distributed: the world size).
@@ -141,11 +173,26 @@ class PISA(Optimizer):
         distributed: ``None`` auto, ``True`` / ``False`` to force.
         dual_init: initial value of every dual entry (0; the official GPT-2 code used 1e-10).
         track_residuals: compute the primal residual and dual norm each round (:meth:`telemetry`).
+        maximize: maximise the objective (the gradient's sign is flipped), as in ``torch.optim``.
+        foreach: ``None`` / ``True``: multi-tensor (``torch._foreach_*``) kernels over the whole
+            group; ``False``: one tensor at a time (lower peak memory; same result).
+        none_grad: ``"skip"`` (default) or ``"zero"``, see above.
+        check_distributed: at the first distributed step, raise when the ranks' parameters differ
+            or their gradients are identical (averaged by DDP / accelerate).
+        capturable, differentiable: accepted for signature compatibility; only ``False`` (the
+            round position lives on the host; the update is not differentiable).
+
+    Group keys a scheduler may edit: ``lr`` (the ratio ``sigma/rho`` is kept), ``momentum``
+    (NSISA's ``mu``; inert in PISA/SISA, which warn once when it is set non-zero, e.g. by
+    ``OneCycleLR(cycle_momentum=True)``), ``weight_decay``, ``l2_lambda``, and the
+    preconditioner's keys (``beta``, ``eps``, ...).
     """
 
     _default_preconditioner = "identity"
     #: True when ``_search_direction`` is elementwise (then it is run chunk by chunk too)
     _elementwise_direction = True
+    #: True when the group key ``momentum`` drives the update (NSISA)
+    _uses_momentum = False
     #: elements per piece of the elementwise pipeline: an int, None (whole lists at once) or
     #: "auto" (CPU: 2^18 elements per 2 threads, so temporaries are reused and stay in cache;
     #: CUDA: whole lists, the multi-tensor kernels and the caching allocator do that already)
@@ -154,7 +201,7 @@ class PISA(Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float | None = None,
+        lr: LR | None = None,
         sigma: float = 1.0,
         *,
         rho: float | None = None,
@@ -167,11 +214,40 @@ class PISA(Optimizer):
         distributed: bool | None = None,
         dual_init: float = 0.0,
         track_residuals: bool = True,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        none_grad: str = "skip",
+        check_distributed: bool = True,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
+        # every argument is checked before ``params`` is touched (as torch.optim does)
         lr = _resolve_lr(lr, sigma, rho)
+        if capturable:
+            raise ValueError(
+                "capturable=True is not supported: the round position lives on the host"
+            )
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by PISA optimizers")
+        if none_grad not in _NONE_GRAD:
+            raise ValueError(f"none_grad must be one of {_NONE_GRAD}, got {none_grad!r}")
         self.preconditioner: Preconditioner = make_preconditioner(
             preconditioner, self._default_preconditioner
         )
+        defaults: dict[str, Any] = {
+            "lr": lr,
+            "sigma": sigma,
+            "l2_lambda": l2_lambda,
+            "weight_decay": weight_decay,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "dual_init": dual_init,
+            "momentum": 0.0,
+            "maximize": maximize,
+            "foreach": foreach,
+        }
+        defaults.update(self.preconditioner.defaults())
+        defaults.update(self._direction_defaults())
+        self._validate_group({**defaults, "lr0": _lr_value(lr)})
         self._distributed = pdist.resolve_distributed(distributed)
         if self._distributed:
             world = pdist.world_size()
@@ -192,19 +268,15 @@ class PISA(Optimizer):
         self._round = 0
         self._worker = 0
         self._round_done = True
+        #: flat indices (over all groups' params) of parameters stepped in the current round
+        self._round_seen: set[int] = set()
+        self.none_grad = none_grad
+        self.check_distributed = bool(check_distributed)
+        self._dist_checked = False
+        self._momentum_warned = False
         self.track_residuals = track_residuals
         self._tel_partial: list[Tensor] | None = None
         self._tel_last: dict[str, Tensor | float] = {}
-        defaults: dict[str, Any] = {
-            "lr": lr,
-            "sigma": sigma,
-            "l2_lambda": l2_lambda,
-            "weight_decay": weight_decay,
-            "decoupled_weight_decay": decoupled_weight_decay,
-            "dual_init": dual_init,
-        }
-        defaults.update(self.preconditioner.defaults())
-        defaults.update(self._direction_defaults())
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ subclass hooks
@@ -218,6 +290,9 @@ class PISA(Optimizer):
 
     def _validate_direction(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for invalid direction hyperparameters."""
+        mu = group["momentum"]
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0.0 <= mu < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {mu!r}")
 
     def _search_direction(
         self,
@@ -240,18 +315,30 @@ class PISA(Optimizer):
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (``dict`` with ``params`` and optional hyperparameters), as torch does;
+        its ``lr`` becomes its ``lr0``. Only between rounds in virtual mode."""
+        if not self._distributed and self.__dict__.get("_worker", 0) != 0:
+            raise RuntimeError("param groups can only be added between rounds")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group.setdefault("lr0", group["lr"])
+        group.setdefault("lr0", _lr_value(group["lr"]))
         group.setdefault("round_lr", None)
-        self._validate_group(group)
-        if any(torch.is_complex(p) for p in group["params"]):
-            raise ValueError("PISA optimizers do not support complex parameters")
+        try:
+            self._validate_group(group)
+            for p in group["params"]:
+                if torch.is_complex(p):
+                    raise ValueError("PISA optimizers do not support complex parameters")
+                if p.is_sparse:
+                    raise ValueError("PISA optimizers do not support sparse parameters")
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        lr, sigma = group["lr"], group["sigma"]
-        if isinstance(lr, Tensor):
-            raise ValueError("lr must be a float, not a Tensor")
+        """Raise ``ValueError`` naming the argument and its valid range for a bad group."""
+        lr, sigma = _lr_value(group["lr"]), group["sigma"]
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+            raise ValueError(f"sigma must be a float > 0 (and < 1/lr), got {sigma!r}")
         if not lr > 0.0:
             raise ValueError(f"lr must be in (0, 1/sigma), got lr={lr}")
         if not sigma > 0.0:
@@ -265,12 +352,19 @@ class PISA(Optimizer):
             raise ValueError(
                 f"sigma must be in (0, 1/lr0) = (0, {1.0 / group['lr0']:g}), got sigma={sigma}"
             )
-        if not group["l2_lambda"] >= 0.0:
-            raise ValueError(f"l2_lambda must be >= 0, got {group['l2_lambda']}")
-        if not group["weight_decay"] >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
-        if not math.isfinite(group["dual_init"]):
-            raise ValueError(f"dual_init must be finite, got {group['dual_init']}")
+        for key in ("l2_lambda", "weight_decay"):
+            val = group[key]
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0.0:
+                raise ValueError(f"{key} must be >= 0, got {val!r}")
+        if not isinstance(group["decoupled_weight_decay"], bool):
+            raise ValueError("decoupled_weight_decay must be a bool")
+        dual_init = group["dual_init"]
+        if not isinstance(dual_init, (int, float)) or not math.isfinite(dual_init):
+            raise ValueError(f"dual_init must be finite, got {dual_init!r}")
+        if not isinstance(group["maximize"], bool):
+            raise ValueError(f"maximize must be a bool, got {group['maximize']!r}")
+        if not (group["foreach"] is None or isinstance(group["foreach"], bool)):
+            raise ValueError(f"foreach must be None, True or False, got {group['foreach']!r}")
         self.preconditioner.validate(group)
         self._validate_direction(group)
 
@@ -294,6 +388,7 @@ class PISA(Optimizer):
 
     @property
     def distributed(self) -> bool:
+        """True in distributed mode (one rank is one worker, every ``step()`` is a round)."""
         return self._distributed
 
     @property
@@ -330,13 +425,13 @@ class PISA(Optimizer):
     def current_sigma_rho(self, group: dict[str, Any] | None = None) -> tuple[float, float]:
         """``(sigma_t, rho_t)`` that ``group`` (default: the first) has at its current ``lr``."""
         group = self.param_groups[0] if group is None else group
-        return _sigma_rho(group["lr"], group["sigma"] * group["lr0"])
+        return _sigma_rho(_lr_value(group["lr"]), group["sigma"] * group["lr0"])
 
     def telemetry(self) -> dict[str, float]:
         """Values of the last completed round: ``primal_residual``
         ``= sqrt(sum_i alpha_i ||w_i - w||^2)``, ``dual_norm = sqrt(sum_i alpha_i ||pi_i||^2)``
-        (over all parameters; NaN when ``track_residuals=False``), and ``sigma`` / ``rho`` of the
-        first group. Calling it synchronises the device."""
+        (over the parameters the workers stepped; NaN when ``track_residuals=False``), and
+        ``sigma`` / ``rho`` of the first group. Calling it synchronises the device."""
         out: dict[str, float] = {}
         for key in ("primal_residual", "dual_norm"):
             val = self._tel_last.get(key)
@@ -354,22 +449,37 @@ class PISA(Optimizer):
     def _worker_state_keys(self) -> tuple[str, ...]:
         return ("dual", *self._direction_state_keys(), *self.preconditioner.state_keys)
 
-    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _param_state_keys(self, p: Tensor, group: dict[str, Any]) -> tuple[str, ...]:
+        """Per-worker state tensors of ``p`` (``dual`` first). Default: the same for every ``p``."""
+        return self._worker_state_keys()
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], local: int) -> None:
         state = self.state[p]
         shape = (self._n_local, *p.shape)
-        state["dual"] = torch.full(shape, float(group["dual_init"]), dtype=p.dtype, device=p.device)
-        for key in self._worker_state_keys()[1:]:
+        dual_init = float(group["dual_init"])
+        state["dual"] = torch.full(shape, dual_init, dtype=p.dtype, device=p.device)
+        for key in self._param_state_keys(p, group)[1:]:
             state[key] = torch.zeros(shape, dtype=p.dtype, device=p.device)
         if self._n_local > 1:
-            state["acc"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            acc = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if local and dual_init:
+                # the round's earlier workers had no gradient for p: w_j = w, pi_j = dual_init
+                inv_sigma = group["round_lr"] / (group["sigma"] * group["lr0"])
+                acc.fill_(sum(self._weights[:local]) * inv_sigma * dual_init)
+            state["acc"] = acc
 
     def state_dict(self) -> dict[str, Any]:
+        """``torch.optim`` state dict (per-parameter ``dual``, direction and preconditioner
+        buffers with a leading worker axis; the groups with ``lr0`` and ``round_lr``) plus, under
+        the key ``"pisa"``, the round position, worker weights, telemetry and the
+        preconditioner's own state: loading it resumes bit for bit, also inside a round."""
         sd = super().state_dict()
         partial = self._tel_partial
         sd[_EXTRA_KEY] = {
             "round": self._round,
             "worker": self._worker,
             "round_done": self._round_done,
+            "round_seen": sorted(self._round_seen),
             "n_workers": self._n_workers,
             "distributed": self._distributed,
             "worker_weights": list(self._weights),
@@ -383,6 +493,10 @@ class PISA(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (also a plain ``torch.optim`` one without ``"pisa"``:
+        then the round position starts afresh). Raises ``ValueError`` when it was saved with
+        another worker count or in the other (virtual / distributed) mode. Group keys added
+        since the checkpoint was written get this optimizer's defaults."""
         extra = state_dict.get(_EXTRA_KEY)
         if extra is not None:
             if extra["n_workers"] != self._n_workers:
@@ -393,11 +507,17 @@ class PISA(Optimizer):
             if bool(extra["distributed"]) != self._distributed:
                 raise ValueError("state_dict was saved in the other (virtual/distributed) mode")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != _EXTRA_KEY})
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            group.setdefault("lr0", _lr_value(group["lr"]))
+            group.setdefault("round_lr", None)
         if extra is None:
             return
         self._round = int(extra["round"])
         self._worker = int(extra["worker"])
         self._round_done = bool(extra["round_done"])
+        self._round_seen = {int(k) for k in extra.get("round_seen", [])}
         self._weights = [float(x) for x in extra["worker_weights"]]
         device = self._first_device()
         partial = extra["telemetry_partial"]
@@ -408,6 +528,14 @@ class PISA(Optimizer):
         }
         self.preconditioner.load_state_dict(extra["preconditioner"])
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything (round position, workers, preconditioner), so that ``copy.deepcopy`` and
+        ``pickle`` give an optimizer that continues exactly; step hooks are not copied."""
+        return picklable_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+
     def _first_device(self) -> torch.device:
         for group in self.param_groups:
             for p in group["params"]:
@@ -415,10 +543,38 @@ class PISA(Optimizer):
         return torch.device("cpu")
 
     # ------------------------------------------------------------------ the round
+    def _round_lr(self, group: dict[str, Any]) -> float:
+        lr = group["lr"]
+        value = _lr_value(lr) if isinstance(lr, Tensor) else lr
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
+            raise ValueError(f"lr must be a float >= 0 during training, got {lr}")
+        return float(value)
+
+    def _warn_inert_momentum(self, group: dict[str, Any]) -> None:
+        if self._uses_momentum or self._momentum_warned or not group.get("momentum"):
+            return
+        self._momentum_warned = True
+        warnings.warn(
+            f"{type(self).__name__} has no momentum: group['momentum']={group['momentum']} "
+            "(set by a momentum scheduler such as OneCycleLR with cycle_momentum=True) is "
+            "ignored; pass cycle_momentum=False to silence this",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One worker's local step (virtual mode; every ``n_workers``-th call ends the round) or a
-        full round (distributed mode / ``n_workers = 1``)."""
+        full round (distributed mode / ``n_workers = 1``).
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss (run with
+                gradients enabled before the step, as in ``torch.optim``).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -430,95 +586,181 @@ class PISA(Optimizer):
         first = local == 0
         if first:
             for group in self.param_groups:
-                lr = group["lr"]
-                if isinstance(lr, Tensor) or not lr >= 0.0:
-                    raise ValueError(f"lr must be a float >= 0 during training, got {lr}")
-                group["round_lr"] = float(lr)
+                group["round_lr"] = self._round_lr(group)
                 self._validate_group_sigma(group)
+                self._warn_inert_momentum(group)
+            self._round_seen = set()
+        zero_mode = self.none_grad == "zero"
 
-        # gather participating parameters and their gradients
-        per_group: list[tuple[dict[str, Any], list[Tensor], list[Tensor | None]]] = []
-        all_params: list[Tensor] = []
-        all_raw: list[Tensor | None] = []
+        # gather: stepped parameters (with a gradient, or all in "zero" mode) and skipped ones
+        work: list[tuple[dict[str, Any], list[Tensor], list[Tensor | None], list[Tensor]]] = []
+        trainable: list[Tensor] = []
+        stepped_all: list[Tensor] = []
+        raw_all: list[Tensor | None] = []
+        flat = -1
         for group in self.param_groups:
             params: list[Tensor] = []
             raw: list[Tensor | None] = []
+            skipped: list[Tensor] = []
             for p in group["params"]:
+                flat += 1
                 if not p.requires_grad:
                     continue
-                if p.grad is not None and p.grad.is_sparse:
+                trainable.append(p)
+                g = p.grad
+                if g is not None and g.is_sparse:
                     raise RuntimeError("PISA optimizers do not support sparse gradients")
+                if g is None and not zero_mode:
+                    skipped.append(p)
+                    continue
                 if "dual" not in self.state[p]:
-                    if not first:
+                    if zero_mode and not first:
                         raise RuntimeError(
                             "a parameter got its first gradient in the middle of a round; "
                             "parameters can only join at a round's first step()"
                         )
-                    self._init_state(p, group)
+                    self._init_state(p, group, local)
                 params.append(p)
-                raw.append(p.grad)
-            per_group.append((group, params, raw))
-            all_params += params
-            all_raw += raw
-        if not all_params:
-            return loss
+                raw.append(g)
+                self._round_seen.add(flat)
+            work.append((group, params, raw, skipped))
+            stepped_all += params
+            raw_all += raw
+        if not trainable or (self._n_workers == 1 and not stepped_all):
+            return loss  # nothing to do (as torch.optim: no gradients, no step)
+
+        if self._distributed and self.check_distributed and not self._dist_checked:
+            pdist.check_replicas(trainable, [g for g in raw_all if g is not None])
+            self._dist_checked = True
 
         aux_all = None
-        if self.preconditioner.requires_create_graph:
-            aux_all = self.preconditioner.prepare(all_params, all_raw)
+        if self.preconditioner.requires_create_graph and stepped_all:
+            aux_all = self.preconditioner.prepare(stepped_all, raw_all)
 
-        device = all_params[0].device
+        device = trainable[0].device
         if first or self._tel_partial is None:
             self._tel_partial = [torch.zeros((), device=device) for _ in range(2)]
+        buckets: pdist.FlatBuckets | None = None
+        target_of: dict[int, Tensor] = {}
         if self._distributed:
-            buckets = pdist.FlatBuckets(all_params, n_extra=2)
-            targets_all = buckets.views
+            # every rank lays out all trainable parameters the same way; the extras carry the
+            # telemetry sums and one "had a gradient" count per parameter
+            buckets = pdist.FlatBuckets(trainable, n_extra=2 + len(trainable))
+            target_of = {id(p): v for p, v in zip(trainable, buckets.views)}
             alpha_t = alpha
         elif self._n_local > 1:
-            buckets = None
-            targets_all = [self.state[p]["acc"] for p in all_params]
             alpha_t = alpha
         else:
-            buckets = None
-            targets_all = all_params
             alpha_t = 1.0
 
         offset = 0
-        for group, params, raw in per_group:
-            n = len(params)
-            if n == 0:
-                continue
-            grads = [
-                torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, raw)
-            ]
-            wstate = {
-                key: [self.state[p][key][local] for p in params]
-                for key in self._worker_state_keys()
-            }
-            aux = None if aux_all is None else aux_all[offset : offset + n]
-            self._local_step(
-                group, params, grads, wstate, targets_all[offset : offset + n], alpha, alpha_t, t,
-                aux,
-            )
-            offset += n
+        for group, params, raw, skipped in work:
+            if self._distributed:
+                targets = [target_of[id(p)] for p in params]
+            elif self._n_local > 1:
+                targets = [self.state[p]["acc"] for p in params]
+            else:
+                targets = params
+            if params:
+                grads = [
+                    torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, raw)
+                ]
+                if group["maximize"]:
+                    grads = torch._foreach_neg(grads)
+                n = len(params)
+                aux = None if aux_all is None else aux_all[offset : offset + n]
+                self._group_step(group, params, grads, targets, local, alpha, alpha_t, t, aux)
+                offset += n
+            if skipped and (self._distributed or self._n_local > 1):
+                self._skipped_contribution(group, skipped, target_of, local, alpha)
 
         # close the round
         if self._distributed:
             assert buckets is not None and buckets.extra is not None
-            buckets.extra.copy_(torch.stack(self._tel_partial).to(buckets.extra.dtype))
+            stepped_ids = {id(p) for p in stepped_all}
+            flags = [1.0 if id(p) in stepped_ids else 0.0 for p in trainable]
+            buckets.extra[:2].copy_(torch.stack(self._tel_partial).to(buckets.extra.dtype))
+            buckets.extra[2:].copy_(torch.tensor(flags, dtype=buckets.extra.dtype))
             buckets.all_reduce_()
-            self._tel_partial = [t.to(device=device, dtype=torch.float32) for t in buckets.extra]
-            self._finish_round(per_group, buckets.views, zero_acc=False)
+            self._tel_partial = [
+                t.to(device=device, dtype=torch.float32) for t in buckets.extra[:2]
+            ]
+            if len(stepped_ids) == len(trainable):
+                live = None  # this rank stepped everything: every parameter moves
+            else:  # one host sync, only when this rank skipped something
+                counts = buckets.extra[2:].tolist()
+                live = {id(p) for p, c in zip(trainable, counts) if c > 0}
+            self._finish_round(self._close_lists(target_of, live))
         elif self._n_local > 1:
             if local == self._n_local - 1:
-                self._finish_round(per_group, targets_all, zero_acc=True)
+                self._finish_round(self._close_lists_virtual())
             else:
                 self._worker = local + 1
                 self._round_done = False
                 return loss
         else:
-            self._finish_round(per_group, None, zero_acc=False)
+            self._finish_round([(g, ps, None) for g, ps, _, _ in work if ps])
         return loss
+
+    def _skipped_contribution(
+        self,
+        group: dict[str, Any],
+        skipped: list[Tensor],
+        target_of: dict[int, Tensor],
+        local: int,
+        alpha: float,
+    ) -> None:
+        """A worker without a gradient for ``p`` keeps ``w_i = w`` and ``pi_i``: it adds
+        ``alpha_i pi_i / sigma_t`` to the accumulator (the state-less ``pi_i`` is ``dual_init``)."""
+        inv_sigma = group["round_lr"] / (group["sigma"] * group["lr0"])
+        for p in skipped:
+            state = self.state.get(p)
+            if self._distributed:
+                target = target_of[id(p)]
+            elif state is None or "acc" not in state:
+                continue  # no state yet: a later worker that initialises it adds this term
+            else:
+                target = state["acc"]
+            if state is not None and "dual" in state:
+                target.add_(state["dual"][local], alpha=alpha * inv_sigma)
+            elif group["dual_init"]:
+                target.add_(alpha * inv_sigma * float(group["dual_init"]))
+
+    def _close_lists(
+        self, target_of: dict[int, Tensor], live: set[int] | None
+    ) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor] | None]]:
+        """Per group: the parameters that move this round and their reduced targets."""
+        out = []
+        for group in self.param_groups:
+            ps = [
+                p for p in group["params"]
+                if id(p) in target_of and (live is None or id(p) in live)
+            ]
+            if ps:
+                out.append((group, ps, [target_of[id(p)] for p in ps]))
+        return out
+
+    def _close_lists_virtual(
+        self,
+    ) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor] | None]]:
+        """Virtual mode: parameters stepped by some worker of the round move; every other
+        accumulator (skip contributions only) is cleared."""
+        out = []
+        flat = -1
+        for group in self.param_groups:
+            ps: list[Tensor] = []
+            for p in group["params"]:
+                flat += 1
+                state = self.state.get(p)
+                if not p.requires_grad or state is None or "acc" not in state:
+                    continue
+                if flat in self._round_seen:
+                    ps.append(p)
+                else:
+                    state["acc"].zero_()
+            if ps:
+                out.append((group, ps, [self.state[p]["acc"] for p in ps]))
+        return out
 
     def _validate_group_sigma(self, group: dict[str, Any]) -> None:
         c = group["sigma"] * group["lr0"]
@@ -526,6 +768,58 @@ class PISA(Optimizer):
             raise ValueError(
                 f"sigma must be in (0, 1/lr0) = (0, {1.0 / group['lr0']:g}), got {group['sigma']}"
             )
+
+    def _group_step(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        targets: list[Tensor],
+        local: int,
+        alpha: float,
+        alpha_t: float,
+        t: int,
+        aux: list[Tensor] | None,
+    ) -> None:
+        """One worker's step on one group's stepped parameters (NSISA splits matrices and
+        vectors here)."""
+        self._run(
+            group, params, grads, targets, local, alpha, alpha_t, t, aux,
+            self._worker_state_keys(), self._elementwise_direction, self._search_direction,
+            self.preconditioner,
+        )
+
+    def _run(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        targets: list[Tensor],
+        local: int,
+        alpha: float,
+        alpha_t: float,
+        t: int,
+        aux: list[Tensor] | None,
+        keys: tuple[str, ...],
+        elementwise: bool,
+        direction: Callable[..., list[Tensor]],
+        precond: Preconditioner,
+    ) -> None:
+        """Build this worker's state lists and run the pipeline (``foreach=False``: one tensor at
+        a time)."""
+        if group["foreach"] is False and len(params) > 1:
+            for j in range(len(params)):
+                self._run(
+                    group, params[j : j + 1], grads[j : j + 1], targets[j : j + 1], local,
+                    alpha, alpha_t, t, None if aux is None else aux[j : j + 1], keys,
+                    elementwise, direction, precond,
+                )
+            return
+        wstate = {key: [self.state[p][key][local] for p in params] for key in keys}
+        self._local_step(
+            group, params, grads, wstate, targets, alpha, alpha_t, t, aux, elementwise,
+            direction, precond,
+        )
 
     def _local_step(
         self,
@@ -538,6 +832,9 @@ class PISA(Optimizer):
         alpha_t: float,
         t: int,
         aux: list[Tensor] | None,
+        elementwise: bool,
+        direction: Callable[..., list[Tensor]],
+        precond: Preconditioner,
     ) -> None:
         """One worker's step on one group, in chunks of at most ``chunk_size`` elements.
 
@@ -546,14 +843,14 @@ class PISA(Optimizer):
         the allocator, mostly in cache) instead of being parameter-sized.
         """
         size = self._resolve_chunk_size(params[0].device)
-        if self._elementwise_direction:
+        if elementwise:
             lists = [params, grads, targets, *wstate.values()] + ([aux] if aux is not None else [])
             for piece in _chunks(lists, size):
                 cp, cg, ct, *rest = piece
                 cw = dict(zip(wstate.keys(), rest[: len(wstate)]))
                 caux = rest[len(wstate)] if aux is not None else None
-                s = self._search_direction(group, cp, cg, cw, t)
-                self._admm_update(group, cp, s, cw, ct, alpha, alpha_t, t, caux)
+                s = direction(group, cp, cg, cw, t)
+                self._admm_update(group, cp, s, cw, ct, alpha, alpha_t, t, caux, precond)
         else:
             # direction on batches of whole tensors (NSISA: same-shaped matrices), then the
             # elementwise part in pieces, batch by batch so that temporaries stay bounded
@@ -561,13 +858,13 @@ class PISA(Optimizer):
                 bp, bg, bt = ([lst[j] for j in idx] for lst in (params, grads, targets))
                 bw = {key: [lst[j] for j in idx] for key, lst in wstate.items()}
                 baux = None if aux is None else [aux[j] for j in idx]
-                s = self._search_direction(group, bp, bg, bw, t)
+                s = direction(group, bp, bg, bw, t)
                 lists = [bp, s, bt, *bw.values()] + ([baux] if baux is not None else [])
                 for piece in _chunks(lists, size):
                     cp, cs, ct, *rest = piece
                     cw = dict(zip(bw.keys(), rest[: len(bw)]))
                     caux = rest[len(bw)] if baux is not None else None
-                    self._admm_update(group, cp, cs, cw, ct, alpha, alpha_t, t, caux)
+                    self._admm_update(group, cp, cs, cw, ct, alpha, alpha_t, t, caux, precond)
 
     def _direction_batches(self, params: list[Tensor], size: int | None) -> list[list[int]]:
         """Index batches for a non-elementwise direction (default: all parameters at once)."""
@@ -594,6 +891,7 @@ class PISA(Optimizer):
         alpha_t: float,
         t: int,
         aux: list[Tensor] | None,
+        precond: Preconditioner,
     ) -> None:
         r"""Preconditioner and ADMM update for ``s = d + pi`` (overwritten), in the
         ``c = sigma_t * lr_t`` (constant) parametrisation::
@@ -607,7 +905,7 @@ class PISA(Optimizer):
         inv_sigma = lr / c
         kd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
 
-        Q, scale, shift = self.preconditioner.compute(s, wstate, group, t, aux)
+        Q, scale, shift = precond.compute(s, wstate, group, t, aux)
         if Q is None or scale == 0.0:
             k = c + (1.0 - c) * shift
         else:
@@ -628,26 +926,19 @@ class PISA(Optimizer):
             self._tel_partial[1] += alpha * _sum_sq_norms(pi, device)
 
     def _finish_round(
-        self,
-        per_group: list[tuple[dict[str, Any], list[Tensor], list[Tensor | None]]],
-        targets_all: list[Tensor] | None,
-        zero_acc: bool,
+        self, close: list[tuple[dict[str, Any], list[Tensor], list[Tensor] | None]]
     ) -> None:
-        offset = 0
-        for group, params, _ in per_group:
-            n = len(params)
-            if n == 0:
-                continue
+        """``w <- (w + acc) / (1 + lambda / sigma_t)`` for the parameters that move (``acc``
+        None: the update was in place); then the round counter and telemetry advance."""
+        for group, params, acc in close:
             lr, lam = group["round_lr"], group["l2_lambda"]
             inv_sigma = lr / (group["sigma"] * group["lr0"])
-            if targets_all is not None:
-                acc = targets_all[offset : offset + n]
+            if acc is not None:
                 torch._foreach_add_(params, acc)
-                if zero_acc:
+                if not self._distributed:
                     torch._foreach_zero_(acc)
             if lam:
                 torch._foreach_mul_(params, 1.0 / (1.0 + lam * inv_sigma))
-            offset += n
         if self._tel_partial is not None:
             primal_sq, dual_sq = self._tel_partial
             first = self.param_groups[0]

@@ -1,23 +1,35 @@
-"""torch.distributed helpers: mode resolution, bucketed flat all-reduce, parameter broadcast.
+"""torch.distributed helpers: mode resolution, bucketed flat all-reduce, parameter broadcast,
+and the checks and helpers that keep a distributed PISA run correct.
 
 One rank is one PISA worker. Buckets group tensors by (device, dtype) so that a homogeneous model
 costs exactly one ``all_reduce`` per call (gloo on CPU, NCCL on GPU; whatever the process group
 was initialised with, e.g. by ``torchrun``).
+
+PISA does its own communication (one all-reduce per round), so the gradients in ``.grad`` must be
+each rank's *own*: a model wrapped in ``DistributedDataParallel`` (also by
+``accelerate.Accelerator.prepare``) averages them during ``backward()``, which silently turns the
+m workers into one. Either train the unwrapped module (:func:`prepare`) or run every backward
+inside :func:`no_sync`. ``PISA.step`` checks this at its first distributed step
+(:func:`check_replicas`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "FlatBuckets",
     "all_reduce_sum_",
     "broadcast_parameters",
+    "check_replicas",
     "is_distributed",
+    "no_sync",
+    "prepare",
     "rank",
     "resolve_distributed",
     "world_size",
@@ -42,10 +54,12 @@ def resolve_distributed(flag: bool | None) -> bool:
 
 
 def world_size() -> int:
+    """The world size (1 without an initialised process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
+    """This process's rank (0 without an initialised process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -80,6 +94,7 @@ class FlatBuckets:
             self.extra = self.buffers[-1]
 
     def all_reduce_(self) -> None:
+        """Sum every buffer over the ranks, in place."""
         for flat in self.buffers:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
 
@@ -105,3 +120,66 @@ def broadcast_parameters(params: Iterable[Tensor], src: int = 0) -> None:
     for flat in buckets.buffers:
         dist.broadcast(flat, src=src)
     torch._foreach_copy_(params, buckets.views)
+
+
+def _checksums(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """``(sum x, sum x^2)`` over all entries, in float64 on ``device``."""
+    if not tensors:
+        return torch.zeros(2, dtype=torch.float64, device=device)
+    flat = [t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]
+    total = torch.stack([f.sum() for f in flat]).sum()
+    total_sq = torch.stack([f.square().sum() for f in flat]).sum()
+    return torch.stack([total, total_sq])
+
+
+@torch.no_grad()
+def check_replicas(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """Raise ``RuntimeError`` when the ranks' ``params`` differ (they must start equal) or their
+    ``grads`` are identical (averaged by DDP / accelerate, or every rank got the same batch).
+
+    One all-reduce (MAX) of 8 float64 numbers: the checksums and their negatives, so every rank
+    sees the maximum and minimum over the ranks. No-op outside a multi-rank process group.
+    """
+    if not is_distributed() or not params:
+        return
+    device = params[0].device
+    local = torch.cat([_checksums(params, device), _checksums(grads, device)])
+    both = torch.cat([local, -local])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    high, low = both[:4], -both[4:]
+    same = (high == low).tolist()
+    if not (same[0] and same[1]):
+        raise RuntimeError(
+            "PISA: the parameters differ across ranks at the first step; every worker must start "
+            "from the same w: call pisa.distributed.prepare(model) (or "
+            "pisa.distributed.broadcast_parameters(model.parameters())) before training"
+        )
+    if same[2] and same[3] and float(high[3]) > 0.0:
+        raise RuntimeError(
+            "PISA: the gradients are identical on every rank, so they were averaged before "
+            "step() (a DistributedDataParallel / accelerate-prepared model) or every rank got the "
+            "same batch. PISA does its own communication: train the unwrapped module "
+            "(model = pisa.distributed.prepare(ddp_model)) or run backward() inside "
+            "pisa.distributed.no_sync(model), and give each rank its own data shard "
+            "(DistributedSampler). check_distributed=False turns this check off."
+        )
+
+
+def prepare(model: nn.Module, src: int = 0) -> nn.Module:
+    """The module to train with a distributed PISA optimizer: unwraps
+    ``DistributedDataParallel`` (``.module``; build the optimizer on its parameters) and copies
+    rank ``src``'s parameters and buffers to every rank. Without a multi-rank process group it
+    only unwraps."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    broadcast_parameters([*inner.parameters(), *inner.buffers()], src=src)
+    return inner
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Context for the forward and backward of a ``DistributedDataParallel`` (or accelerate)
+    model whose optimizer is PISA: gradients stay per rank (``model.no_sync()``); a plain module
+    needs nothing."""
+    ctx = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+    with ctx:
+        yield

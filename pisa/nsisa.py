@@ -10,11 +10,13 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .admm import PISA
+from .admm import LR, PISA
 from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz_
-from .preconditioners import EMA, AbsValue, Preconditioner
+from .preconditioners import EMA, AbsValue, Preconditioner, SecondMoment, _check_beta
 
 __all__ = ["NSISA"]
+
+_VECTOR_MODES = ("sisa", "momentum", "error")
 
 
 def _parse_dtype(name: str) -> torch.dtype:
@@ -30,16 +32,21 @@ def _parse_dtype(name: str) -> torch.dtype:
 class NSISA(PISA):
     r"""Newton-Schulz inexact stochastic ADMM.
 
-    One round (``t`` = round number; ``lr_t = 1/(sigma_t + rho_t)`` as in :class:`~pisa.PISA`)::
+    One round (``t`` = round number; ``lr_t = 1/(sigma_t + rho_t)``, ``sigma_t = c / lr_t`` with
+    ``c = sigma * lr_0`` fixed, as in :class:`~pisa.PISA`)::
 
         for each worker i:
-            g_i  = grad F_i(w)  [+ kappa w  if coupled]
+            g_i  = grad F_i(w)  [+ kappa w  if coupled]        (-grad with maximize=True)
+          matrices (>= 2-D; conv weights as (out, in*k*k)):
             B_i  = mu B_i + g_i
             M_i  = g_i + mu B_i                       (nesterov; else M_i = B_i)
-            d_i  = NS5(M_i) * sqrt(max(1, rows/cols))  for >= 2-D tensors (conv: (out, in*k*k)),
-                   M_i                                  for vectors and scalars
+            d_i  = NS5(M_i) * sqrt(max(1, rows/cols))
+            q_i  = |d_i + pi_i| + eps                 (or the EMA variant, preconditioner="ema")
+          vectors, scalars, empty tensors (vectors="sisa", default: SISA's elementwise step):
+            d_i  = g_i ,  v_i = b v_i + (1 - b) s_i^2 ,  q_i = sqrt(v_i / (1 - b^t)) + eps
+                   (b = vector_beta; vectors="momentum": d_i = M_i and q_i as for matrices)
+          both:
             s_i  = d_i + pi_i
-            q_i  = |s_i| + eps                          (or the EMA variant, preconditioner="ema")
             w_i  = w - s_i / (sigma_t + rho_t q_i)  [- lr_t kappa w  if decoupled]
             pi_i = pi_i + sigma_t (w_i - w)
         w = sum_i alpha_i (sigma_t w_i + pi_i) / (sigma_t + lambda)
@@ -47,15 +54,30 @@ class NSISA(PISA):
     ``NS5``: five quintic Newton-Schulz steps, ``X = M / (||M||_F + 1e-7)`` (transposed when
     ``rows > cols``), ``X <- a X + b (X X^T) X + c (X X^T)^2 X`` with
     ``(a, b, c) = (3.4445, -4.7750, 2.0315)`` (:mod:`pisa.newton_schulz`); same-shaped matrices are
-    orthogonalised as one batch. State per worker: ``dual`` and ``momentum_buffer``.
+    orthogonalised as one batch. State per worker: ``dual`` and ``momentum_buffer`` (matrices),
+    ``dual`` and ``exp_avg_sq`` (vectors; plus ``exp_avg_sq`` for matrices with ``"ema"``).
+
+    Why vectors differ: orthogonalisation is defined for matrices only, and the raw momentum
+    ``M`` (a sum of ~``1/(1-mu)`` gradients) with ``q = |s|`` gives a sign-like step whose dual
+    keeps pushing, which diverges on simple convex problems; the SISA step (an Adam-like
+    normalisation by the second moment of ``g + pi``) trains biases and norm gains the way AdamW
+    does for Muon. ``vectors="error"`` refuses non-matrix parameters with ``ValueError`` (as
+    ``torch.optim.Muon``); route them to a companion with :func:`pisa.hybrid_nsisa` instead.
 
     The denominator ``sigma_t + rho_t q`` is at least ``sigma_t > 0``, so zero entries of ``s``
     cannot produce ``0/0``; ``zero_guard=eps0`` adds ``eps0**t`` to them as the paper's code does.
 
-    Embeddings and output heads are usually better trained by a companion optimizer (AdamW), see
-    :func:`pisa.hybrid_nsisa`.
+    ``momentum`` is a group key: a momentum scheduler (``OneCycleLR(cycle_momentum=True)``,
+    ``CyclicLR``) cycles ``mu`` as it does SGD's (between 0.85 and 0.95 by default, inversely to
+    ``lr``); pass ``cycle_momentum=False`` to keep ``mu`` fixed.
 
     Args:
+        params: parameters or param groups (each group may set its own hyperparameters).
+        lr: ``1 / (sigma + rho)`` at the start (default ``1e-3``), in ``(0, 1/sigma)``; a float or
+            a one-element Tensor.
+        sigma: ADMM penalty at ``lr``, in ``(0, 1/lr)``; ``c = sigma * lr`` is the share of the
+            step that does not scale with ``q`` (README: "Choosing sigma and lr").
+        rho: alternative to ``lr``: ``lr = 1 / (sigma + rho)``, > 0.
         momentum: ``mu`` in ``[0, 1)``.
         nesterov: Nesterov momentum.
         ns_steps: Newton-Schulz iterations (>= 0).
@@ -63,21 +85,41 @@ class NSISA(PISA):
             default bfloat16 on every device (as the paper and torch's Muon), float64 for
             float64 parameters.
         ns_coefficients: ``(a, b, c)``.
-        eps: added to ``q``.
+        eps: added to ``q`` (>= 0).
         preconditioner: ``"abs"`` (``|s| + eps``, default), ``"ema"``
             (``sqrt(v / (1 - beta^t)) + eps``, ``v = beta v + (1 - beta) s^2``) or any
-            :class:`~pisa.preconditioners.Preconditioner`.
-        beta: the EMA variant's decay.
-        zero_guard: ``eps0`` or ``None`` (off).
-        All other arguments: see :class:`~pisa.PISA`.
+            :class:`~pisa.preconditioners.Preconditioner` (for the matrices).
+        beta: the EMA variant's decay, in ``[0, 1)`` (checked even when unused).
+        zero_guard: ``eps0`` in ``(0, 1)`` or ``None`` (off).
+        vectors: how parameters with fewer than 2 dimensions (or no elements) are updated:
+            ``"sisa"`` (default), ``"momentum"`` (the matrices' momentum and preconditioner,
+            without orthogonalisation) or ``"error"`` (``ValueError``).
+        vector_beta: second-moment decay ``b`` of the ``"sisa"`` vector path, in ``[0, 1)``.
+        l2_lambda: global L2 ``lambda >= 0`` on ``w``.
+        weight_decay: ``kappa >= 0``; coupled (added to ``g``) unless decoupled.
+        decoupled_weight_decay: ``w_i -= lr * kappa * w`` (as AdamW) instead of coupling.
+        n_workers: virtual workers ``m >= 1`` (distributed: the world size).
+        worker_weights: ``alpha_i`` (non-negative, normalised), default equal.
+        distributed: ``None`` auto (world size > 1), ``True`` / ``False`` to force.
+        dual_init: initial value of every dual entry (the official GPT-2 code used 1e-10).
+        track_residuals: compute the primal residual and dual norm each round.
+        maximize: maximise instead of minimise.
+        foreach: ``None`` / ``True`` multi-tensor kernels (batched Newton-Schulz), ``False`` one
+            tensor at a time (same result, lower peak memory).
+        none_grad: ``"skip"`` (default, as torch: a parameter without ``.grad`` in the whole
+            round is untouched) or ``"zero"`` (a missing gradient is a zero gradient).
+        check_distributed: at the first distributed step, raise when the ranks' parameters
+            differ or their gradients were averaged (DDP / accelerate).
+        capturable, differentiable: only ``False`` is supported.
     """
 
     _elementwise_direction = False
+    _uses_momentum = True
 
     def __init__(
         self,
         params: ParamsT,
-        lr: float | None = None,
+        lr: LR | None = None,
         sigma: float = 1.0,
         *,
         rho: float | None = None,
@@ -90,6 +132,8 @@ class NSISA(PISA):
         preconditioner: Preconditioner | str = "abs",
         beta: float = 0.9,
         zero_guard: float | None = None,
+        vectors: str = "sisa",
+        vector_beta: float = 0.999,
         l2_lambda: float = 0.0,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
@@ -98,7 +142,14 @@ class NSISA(PISA):
         distributed: bool | None = None,
         dual_init: float = 0.0,
         track_residuals: bool = True,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        none_grad: str = "skip",
+        check_distributed: bool = True,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
+        _check_beta(beta)
         if isinstance(preconditioner, str):
             name = preconditioner.lower()
             if name in ("abs", "abs_value"):
@@ -111,6 +162,9 @@ class NSISA(PISA):
                 )
         if isinstance(ns_dtype, str):
             ns_dtype = _parse_dtype(ns_dtype)
+        if vectors not in _VECTOR_MODES:
+            raise ValueError(f"vectors must be one of {_VECTOR_MODES}, got {vectors!r}")
+        self._vector_precond = SecondMoment(beta=vector_beta, eps=eps, beta_key="vector_beta")
         self._ns_defaults = {
             "momentum": momentum,
             "nesterov": nesterov,
@@ -119,6 +173,8 @@ class NSISA(PISA):
             "ns_coefficients": tuple(ns_coefficients),
             "ns_eps": 1e-7,
             "zero_guard": zero_guard,
+            "vectors": vectors,
+            **self._vector_precond.defaults(),
         }
         super().__init__(
             params,
@@ -134,7 +190,74 @@ class NSISA(PISA):
             distributed=distributed,
             dual_init=dual_init,
             track_residuals=track_residuals,
+            maximize=maximize,
+            foreach=foreach,
+            none_grad=none_grad,
+            check_distributed=check_distributed,
+            capturable=capturable,
+            differentiable=differentiable,
         )
+
+    @staticmethod
+    def _is_matrix(p: Tensor) -> bool:
+        return p.ndim >= 2 and p.numel() > 0
+
+    def _vector_path(self, group: dict[str, Any]) -> bool:
+        """True when the group's non-matrix parameters take the SISA step."""
+        return group.get("vectors", "sisa") == "sisa"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`PISA.add_param_group`; with ``vectors="error"`` a non-matrix parameter
+        raises ``ValueError``."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["vectors"] == "error":
+            bad = [tuple(p.shape) for p in group["params"] if not self._is_matrix(p)]
+            if bad:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"NSISA(vectors='error') takes matrices only, got parameters of shapes {bad}; "
+                    "use vectors='sisa' or route them to a companion (pisa.hybrid_nsisa)"
+                )
+
+    def _param_state_keys(self, p: Tensor, group: dict[str, Any]) -> tuple[str, ...]:
+        if self._is_matrix(p) or not self._vector_path(group):
+            return self._worker_state_keys()
+        return ("dual", *self._vector_precond.state_keys)
+
+    def _group_step(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        targets: list[Tensor],
+        local: int,
+        alpha: float,
+        alpha_t: float,
+        t: int,
+        aux: list[Tensor] | None,
+    ) -> None:
+        """Matrices: the Newton-Schulz direction; vectors: SISA's elementwise step (default)."""
+        if not self._vector_path(group):
+            super()._group_step(group, params, grads, targets, local, alpha, alpha_t, t, aux)
+            return
+        for matrices in (True, False):
+            idx = [j for j, p in enumerate(params) if self._is_matrix(p) == matrices]
+            if not idx:
+                continue
+            sub = [[lst[j] for j in idx] for lst in (params, grads, targets)]
+            sub_aux = None if aux is None else [aux[j] for j in idx]
+            if matrices:
+                self._run(
+                    group, *sub, local, alpha, alpha_t, t, sub_aux, self._worker_state_keys(),
+                    False, self._search_direction, self.preconditioner,
+                )
+            else:
+                self._run(
+                    group, *sub, local, alpha, alpha_t, t, None,
+                    ("dual", *self._vector_precond.state_keys), True,
+                    super()._search_direction, self._vector_precond,
+                )
 
     def _direction_defaults(self) -> dict[str, Any]:
         return dict(self._ns_defaults)
@@ -143,8 +266,12 @@ class NSISA(PISA):
         return ("momentum_buffer",)
 
     def _validate_direction(self, group: dict[str, Any]) -> None:
-        if not 0.0 <= group["momentum"] < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+        super()._validate_direction(group)  # momentum in [0, 1)
+        if not isinstance(group["nesterov"], bool):
+            raise ValueError(f"nesterov must be a bool, got {group['nesterov']!r}")
+        if group["vectors"] not in _VECTOR_MODES:
+            raise ValueError(f"vectors must be one of {_VECTOR_MODES}, got {group['vectors']!r}")
+        self._vector_precond.validate(group)
         steps = group["ns_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"ns_steps must be an integer >= 0, got {steps!r}")

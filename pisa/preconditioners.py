@@ -41,13 +41,13 @@ QSpec = tuple[list[Tensor] | None, float, float]
 
 
 def _check_beta(beta: float, name: str = "beta") -> None:
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {beta}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
 
 
 def _check_eps(eps: float) -> None:
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
 
 
 class Preconditioner:
@@ -108,20 +108,29 @@ class SecondMoment(Preconditioner):
 
     state_keys = ("exp_avg_sq",)
 
-    def __init__(self, beta: float = 0.999, eps: float = 1e-8, bias_correction: bool = True):
-        _check_beta(beta)
+    def __init__(
+        self,
+        beta: float = 0.999,
+        eps: float = 1e-8,
+        bias_correction: bool = True,
+        *,
+        beta_key: str = "beta",
+    ):
+        """``beta_key``: the group key holding ``beta`` (NSISA's vectors use ``vector_beta``)."""
+        _check_beta(beta, beta_key)
         _check_eps(eps)
         self.beta, self.eps, self.bias_correction = beta, eps, bias_correction
+        self.beta_key = beta_key
 
     def defaults(self) -> dict[str, Any]:
-        return {"beta": self.beta, "eps": self.eps}
+        return {self.beta_key: self.beta, "eps": self.eps}
 
     def validate(self, group: dict[str, Any]) -> None:
-        _check_beta(group["beta"])
+        _check_beta(group[self.beta_key], self.beta_key)
         _check_eps(group["eps"])
 
     def compute(self, s, state, group, step, aux) -> QSpec:
-        beta = group["beta"]
+        beta = group[self.beta_key]
         v = state["exp_avg_sq"]
         torch._foreach_mul_(v, beta)
         torch._foreach_addcmul_(v, s, s, value=1.0 - beta)

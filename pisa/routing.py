@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import distributed as pdist
+from .protocol import is_consensus, picklable_state
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -107,8 +108,21 @@ class Hybrid(Optimizer):
       a round).
 
     ``n_workers``, ``worker_index``, ``round_done`` and ``telemetry()`` are the main optimizer's
-    (1, 0, True, ``{}`` when it has none). ``state_dict`` holds both optimizers' states and the
-    accumulation buffers.
+    (1, 0, True, ``{}`` when it is not a :class:`~pisa.ConsensusOptimizer`), so a Hybrid always
+    satisfies that protocol. ``state_dict`` holds both optimizers' states and the accumulation
+    buffers; ``copy.deepcopy`` / ``pickle`` copy everything.
+
+    Schedulers: ``defaults`` has a ``momentum`` key and every group carries one, so momentum
+    schedulers (``OneCycleLR`` with its default ``cycle_momentum=True``) run on the wrapper: the
+    main's ``momentum`` (NSISA's ``mu``, Muon's, SGD's) is cycled directly; for a group with
+    ``betas`` (AdamW) and no momentum of its own, ``group['momentum']`` mirrors ``betas[0]``
+    and a change made by a scheduler is copied into ``betas[0]`` at the next ``step()`` (what
+    ``OneCycleLR`` does for a plain AdamW).
+
+    Args:
+        main: the optimizer of the hidden matrices (a PISA-family optimizer, Muon, ...).
+        companion: the optimizer of the rest, or ``None``.
+        distributed: ``None``: the main's mode (PISA-family) or auto (world size > 1).
     """
 
     def __init__(
@@ -128,16 +142,28 @@ class Hybrid(Optimizer):
         self._ready = False
         super().__init__([{"params": []}], {})
         self._ready = True
-        self._main_is_pisa = hasattr(main, "round_done")
+        self._main_is_pisa = is_consensus(main)
         if distributed is None and self._main_is_pisa and hasattr(main, "distributed"):
             self._distributed = bool(main.distributed)
         else:
             self._distributed = pdist.resolve_distributed(distributed)
         self._accum: dict[Tensor, Tensor] = {}
+        merged = {k: v for k, v in {**(companion.defaults if companion else {}),
+                                     **main.defaults}.items() if k != "betas"}
+        merged.setdefault("momentum", 0.0)
+        self.defaults = merged
+        #: (optimizer, group position) of groups whose ``momentum`` mirrors ``betas[0]`` -> the
+        #: value last mirrored
+        self._beta1_mirror: dict[tuple[str, int], float] = {}
+        for key, group in self._owned_groups():
+            if "momentum" not in group and "betas" in group:
+                group["momentum"] = group["betas"][0]
+                self._beta1_mirror[key] = group["betas"][0]
 
     # ---------------------------------------------------------------- optimizer plumbing
     @property  # type: ignore[override]
     def param_groups(self) -> list[dict[str, Any]]:
+        """The main optimizer's groups, then the companion's (the same dicts)."""
         if not self.__dict__.get("_ready", False):
             return self.__dict__.setdefault("_init_groups", [])
         groups = list(self.main.param_groups)
@@ -172,6 +198,13 @@ class Hybrid(Optimizer):
         if self.companion is not None:
             self.companion.zero_grad(set_to_none=set_to_none)
 
+    def _owned_groups(self) -> list[tuple[tuple[str, int], dict[str, Any]]]:
+        """``((owner, position), group)`` for every group of the main and the companion."""
+        out = [(("main", i), g) for i, g in enumerate(self.main.param_groups)]
+        if self.companion is not None:
+            out += [(("companion", i), g) for i, g in enumerate(self.companion.param_groups)]
+        return out
+
     def _companion_params(self) -> list[Tensor]:
         if self.companion is None:
             return []
@@ -180,54 +213,88 @@ class Hybrid(Optimizer):
     # ---------------------------------------------------------------- main's attributes
     @property
     def n_workers(self) -> int:
-        return int(getattr(self.main, "n_workers", 1))
+        """The main optimizer's worker count (1 when it has no rounds)."""
+        return int(self.main.n_workers) if self._main_is_pisa else 1  # type: ignore[attr-defined]
 
     @property
     def worker_index(self) -> int:
-        return int(getattr(self.main, "worker_index", 0))
+        """The main optimizer's next worker (0 when it has no rounds)."""
+        return int(self.main.worker_index) if self._main_is_pisa else 0  # type: ignore[attr-defined]
 
     @property
     def round_done(self) -> bool:
-        return bool(getattr(self.main, "round_done", True))
+        """True after the ``step()`` that closed the main optimizer's round (always without)."""
+        return bool(self.main.round_done) if self._main_is_pisa else True  # type: ignore[attr-defined]
 
     @property
     def distributed(self) -> bool:
+        """True in distributed mode (see the class docstring)."""
         return self._distributed
 
     @property
     def requires_create_graph(self) -> bool:
+        """True when either optimizer needs ``backward(create_graph=True)``."""
         return any(
             bool(getattr(o, "requires_create_graph", False)) for o in (self.main, self.companion)
         )
 
     @property
     def worker_weights(self) -> list[float]:
+        """The main optimizer's ``alpha_i`` (equal weights when it has none)."""
         if hasattr(self.main, "worker_weights"):
             return list(self.main.worker_weights)
         return [1.0 / self.n_workers] * self.n_workers
 
     def set_worker_weights(self, weights: Sequence[float]) -> None:
+        """Set the main optimizer's ``alpha_i`` (``AttributeError`` when it has none)."""
         if not hasattr(self.main, "set_worker_weights"):
             raise AttributeError(f"{type(self.main).__name__} has no worker weights")
         self.main.set_worker_weights(weights)
 
     def telemetry(self) -> dict[str, float]:
-        fn = getattr(self.main, "telemetry", None)
-        return dict(fn()) if callable(fn) else {}
+        """The main optimizer's :meth:`~pisa.PISA.telemetry` (``{}`` when it has none)."""
+        return dict(self.main.telemetry()) if self._main_is_pisa else {}  # type: ignore[attr-defined]
+
+    def _sync_beta1(self) -> None:
+        """Copy a scheduler's change of a mirrored ``group['momentum']`` into ``betas[0]``."""
+        groups = dict(self._owned_groups())
+        for key, last in self._beta1_mirror.items():
+            group = groups[key]
+            if group["momentum"] != last:
+                group["betas"] = (group["momentum"], *group["betas"][1:])
+            elif group["betas"][0] != last:  # betas edited directly: follow them
+                group["momentum"] = group["betas"][0]
+            self._beta1_mirror[key] = group["momentum"]
 
     # ---------------------------------------------------------------- the step
     def _virtual_rounds(self) -> bool:
         return self._main_is_pisa and not self._distributed and self.n_workers > 1
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Step the main optimizer (one worker's step or a round) and, when the round is done
+        (every call for a main without rounds), the companion on the round's gradient.
+
+        Virtual rounds: the companion's ``.grad`` of each call is accumulated with the worker's
+        ``alpha_i``; at the round's last call ``.grad`` is replaced by ``sum_i alpha_i g_i`` and
+        the companion steps. Distributed: the companion's gradients (and, for a main without its
+        own communication, the main's) are all-reduced first; a parameter without ``.grad`` on
+        every rank keeps ``None`` (skipped, as torch does). Excluded from ``torch.compile``.
+
+        Args:
+            closure: optional loss closure, run once with gradients enabled before stepping.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_beta1()
         if self._distributed and not self._main_is_pisa:
-            grads = self._grads(self._params_of(self.main))
-            pdist.all_reduce_sum_(grads, scale=1.0 / pdist.world_size())
+            self._reduce_grads(self._params_of(self.main), 1.0 / pdist.world_size())
         if self._main_is_pisa:
             alpha = self.worker_weights[self.worker_index]
         else:
@@ -255,8 +322,7 @@ class Hybrid(Optimizer):
                         p.grad.copy_(buf)
                 self.companion.step()
         elif self._distributed:
-            grads = self._grads(params)
-            pdist.all_reduce_sum_(grads, scale=alpha)
+            self._reduce_grads(params, alpha)
             self.companion.step()
         else:
             self.companion.step()
@@ -267,15 +333,28 @@ class Hybrid(Optimizer):
         return [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
 
     @staticmethod
-    def _grads(params: list[Tensor]) -> list[Tensor]:
-        """Gradients of ``params`` (a missing one becomes zeros, so all ranks agree)."""
+    def _reduce_grads(params: list[Tensor], scale: float) -> None:
+        """``.grad <- sum over ranks of scale * .grad`` in one all-reduce; a parameter without a
+        gradient on every rank keeps ``None`` (one host sync, only when some rank lacks one)."""
+        if not params:
+            return
+        present = [p.grad is not None for p in params]
+        flags = torch.tensor([float(x) for x in present], device=params[0].device)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        return [p.grad for p in params]
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        pdist.all_reduce_sum_([*grads, flags], scale=scale)
+        if not all(present):
+            for p, weight in zip(params, flags.tolist()):  # sum of the scales of ranks with one
+                if weight <= 0.0:
+                    p.grad = None
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """``{"main": ..., "companion": ..., "hybrid": {"grad_accum": [...]}}``: both
+        optimizers' state dicts and the companion's gradient accumulators of an unfinished
+        virtual round (``None`` entries outside a round)."""
         params = self._companion_params()
         return {
             "main": self.main.state_dict(),
@@ -284,6 +363,8 @@ class Hybrid(Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into both optimizers (``ValueError`` when the companion's
+        parameter count differs)."""
         self.main.load_state_dict(state_dict["main"])
         if self.companion is not None:
             self.companion.load_state_dict(state_dict["companion"])
@@ -296,6 +377,17 @@ class Hybrid(Optimizer):
             for p, buf in zip(params, saved)
             if buf is not None
         }
+        for key, group in self._owned_groups():
+            if key in self._beta1_mirror:
+                group.setdefault("momentum", group["betas"][0])
+                self._beta1_mirror[key] = group["momentum"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything (both optimizers, accumulators), so deepcopy / pickle continue exactly."""
+        return picklable_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
 
     def __repr__(self) -> str:
         return f"Hybrid(\n  main={self.main!r},\n  companion={self.companion!r}\n)"

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch.optim.optimizer import ParamsT
 
-from .admm import PISA
+from .admm import LR, PISA
 from .preconditioners import SecondMoment
 
 __all__ = ["SISA"]
@@ -15,29 +15,54 @@ __all__ = ["SISA"]
 class SISA(PISA):
     r"""Scaled inexact stochastic ADMM (PISA with :class:`~pisa.preconditioners.SecondMoment`).
 
-    One round (``t`` = round number; ``lr_t = 1/(sigma_t + rho_t)`` as in :class:`~pisa.PISA`)::
+    One round (``t`` = round number; ``lr_t = 1/(sigma_t + rho_t)``, ``sigma_t = c / lr_t`` with
+    ``c = sigma * lr_0`` fixed, as in :class:`~pisa.PISA`)::
 
         for each worker i:
-            g_i  = grad F_i(w)  [+ kappa w  if coupled]
+            g_i  = grad F_i(w)  [+ kappa w  if coupled]        (-grad with maximize=True)
             s_i  = g_i + pi_i
             v_i  = beta v_i + (1 - beta) s_i^2                 (second moment of g + pi)
             q_i  = sqrt(v_i / (1 - beta^t)) + eps
             w_i  = w - s_i / (sigma_t + rho_t q_i)  [- lr_t kappa w  if decoupled]
+                 = w - lr_t s_i / (c + (1 - c) q_i)
             pi_i = pi_i + sigma_t (w_i - w)
         w = sum_i alpha_i (sigma_t w_i + pi_i) / (sigma_t + lambda)
 
-    State per worker: ``dual`` (pi_i) and ``exp_avg_sq`` (v_i), two parameter copies.
+    With ``c -> 0`` the local step is RMSprop's ``lr s / q`` on ``s = g + pi``; with ``c -> 1``
+    it is the plain ``lr s`` (README: "Choosing sigma and lr"). State per worker: ``dual``
+    (pi_i) and ``exp_avg_sq`` (v_i), two parameter copies. SISA has no momentum: the group key
+    ``momentum`` exists (0) so that momentum schedulers run; a non-zero value is ignored with a
+    one-time warning.
 
     Args:
+        params: parameters or param groups (each group may set its own hyperparameters).
+        lr: ``1 / (sigma + rho)`` at the start (default ``1e-3``), in ``(0, 1/sigma)``; a float or
+            a one-element Tensor.
+        sigma: ADMM penalty at ``lr``, in ``(0, 1/lr)``.
+        rho: alternative to ``lr``: ``lr = 1 / (sigma + rho)``, > 0.
         beta: second-moment decay in ``[0, 1)``.
         eps: added to ``q`` (>= 0).
-        All other arguments: see :class:`~pisa.PISA`.
+        l2_lambda: global L2 ``lambda >= 0`` on ``w``.
+        weight_decay: ``kappa >= 0``; coupled (added to ``g``) unless decoupled.
+        decoupled_weight_decay: ``w_i -= lr * kappa * w`` (as AdamW) instead of coupling.
+        n_workers: virtual workers ``m >= 1`` (distributed: the world size).
+        worker_weights: ``alpha_i`` (non-negative, normalised), default equal.
+        distributed: ``None`` auto (world size > 1), ``True`` / ``False`` to force.
+        dual_init: initial value of every dual entry.
+        track_residuals: compute the primal residual and dual norm each round.
+        maximize: maximise instead of minimise.
+        foreach: ``None`` / ``True`` multi-tensor kernels, ``False`` one tensor at a time.
+        none_grad: ``"skip"`` (default, as torch: a parameter without ``.grad`` in the whole
+            round is untouched) or ``"zero"`` (a missing gradient is a zero gradient).
+        check_distributed: at the first distributed step, raise when the ranks' parameters
+            differ or their gradients were averaged (DDP / accelerate).
+        capturable, differentiable: only ``False`` is supported.
     """
 
     def __init__(
         self,
         params: ParamsT,
-        lr: float | None = None,
+        lr: LR | None = None,
         sigma: float = 1.0,
         *,
         rho: float | None = None,
@@ -51,6 +76,12 @@ class SISA(PISA):
         distributed: bool | None = None,
         dual_init: float = 0.0,
         track_residuals: bool = True,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        none_grad: str = "skip",
+        check_distributed: bool = True,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -66,4 +97,10 @@ class SISA(PISA):
             distributed=distributed,
             dual_init=dual_init,
             track_residuals=track_residuals,
+            maximize=maximize,
+            foreach=foreach,
+            none_grad=none_grad,
+            check_distributed=check_distributed,
+            capturable=capturable,
+            differentiable=differentiable,
         )

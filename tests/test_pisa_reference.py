@@ -80,7 +80,9 @@ def reference(kind: str, m: int, alphas: list[float], decoupled: bool):
             g_all = grad(r, i, w)
             for j in range(len(w)):
                 g = g_all[j] + (0.0 if decoupled else KAPPA) * w[j]
-                if kind == "nsisa":
+                # NSISA's vectors take SISA's step by default (vectors="sisa")
+                sisa_step = kind == "sisa" or (kind == "nsisa" and w[j].ndim < 2)
+                if kind.startswith("nsisa") and not sisa_step:
                     buf[i][j] = MU * buf[i][j] + g
                     M = g + MU * buf[i][j]
                     if M.ndim >= 2:
@@ -95,7 +97,7 @@ def reference(kind: str, m: int, alphas: list[float], decoupled: bool):
                 s = d + pi[i][j]
                 if kind == "pisa":
                     q = torch.ones_like(s)
-                elif kind == "sisa":
+                elif sisa_step:
                     v[i][j] = BETA * v[i][j] + (1 - BETA) * s * s
                     q = torch.sqrt(v[i][j] / (1 - BETA**t)) + EPS
                 else:
@@ -127,13 +129,15 @@ def make_optimizer(kind: str, params, m: int, weights, decoupled: bool):
         return pisa.PISA(params, **common)
     if kind == "sisa":
         return pisa.SISA(params, beta=BETA, eps=EPS, **common)
-    return pisa.NSISA(params, momentum=MU, nesterov=True, eps=EPS, ns_dtype=DT, **common)
+    vectors = "momentum" if kind == "nsisa_momentum" else "sisa"
+    return pisa.NSISA(params, momentum=MU, nesterov=True, eps=EPS, ns_dtype=DT, vectors=vectors,
+                      vector_beta=BETA, **common)
 
 
 @pytest.mark.parametrize("chunk", [None, 7], ids=["whole", "chunked"])
 @pytest.mark.parametrize("decoupled", [False, True], ids=["coupled_wd", "decoupled_wd"])
 @pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("kind", ["pisa", "sisa", "nsisa"])
+@pytest.mark.parametrize("kind", ["pisa", "sisa", "nsisa", "nsisa_momentum"])
 def test_matches_float64_reference(kind: str, m: int, decoupled: bool, chunk: int | None) -> None:
     raw_weights = [1.0, 2.0, 3.0, 4.0][:m]
     alphas = [x / sum(raw_weights) for x in raw_weights]
