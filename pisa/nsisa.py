@@ -10,13 +10,15 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .admm import LR, PISA
+from .admm import LR, PISA, _lr_value
 from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz_
 from .preconditioners import EMA, AbsValue, Preconditioner, SecondMoment, _check_beta
 
 __all__ = ["NSISA"]
 
 _VECTOR_MODES = ("sisa", "momentum", "error")
+#: default ``c = sigma * lr``: the paper's GPT-2 setting (sigma 80, rho 100: c = 80 / 180)
+DEFAULT_C = 80.0 / 180.0
 
 
 def _parse_dtype(name: str) -> torch.dtype:
@@ -76,7 +78,9 @@ class NSISA(PISA):
         lr: ``1 / (sigma + rho)`` at the start (default ``1e-3``), in ``(0, 1/sigma)``; a float or
             a one-element Tensor.
         sigma: ADMM penalty at ``lr``, in ``(0, 1/lr)``; ``c = sigma * lr`` is the share of the
-            step that does not scale with ``q`` (README: "Choosing sigma and lr").
+            step that does not scale with ``q`` (README: "Choosing sigma and lr"). Default
+            ``None``: ``c = 4/9`` (``sigma = 4 / (9 lr)``; ``0.8 * rho`` when ``rho`` is given),
+            the paper's GPT-2 ratio ``sigma : rho = 80 : 100``.
         rho: alternative to ``lr``: ``lr = 1 / (sigma + rho)``, > 0.
         momentum: ``mu`` in ``[0, 1)``.
         nesterov: Nesterov momentum.
@@ -120,7 +124,7 @@ class NSISA(PISA):
         self,
         params: ParamsT,
         lr: LR | None = None,
-        sigma: float = 1.0,
+        sigma: float | None = None,
         *,
         rho: float | None = None,
         momentum: float = 0.95,
@@ -150,6 +154,10 @@ class NSISA(PISA):
         differentiable: bool = False,
     ) -> None:
         _check_beta(beta)
+        if sigma is None:  # c = sigma * lr = 4/9: the paper's GPT-2 ratio sigma : rho = 80 : 100
+            sigma = DEFAULT_C / (1.0 - DEFAULT_C) * rho if rho is not None else (
+                DEFAULT_C / _lr_value(1e-3 if lr is None else lr)
+            )
         if isinstance(preconditioner, str):
             name = preconditioner.lower()
             if name in ("abs", "abs_value"):

@@ -1,4 +1,5 @@
-"""Distributed workers (2 gloo processes) give the same weights as 2 virtual workers."""
+"""Distributed workers (2 gloo processes) give the same weights as 2 virtual workers; the usual
+wrappers (DDP, ranks that start apart) are caught or made correct."""
 
 from __future__ import annotations
 
@@ -106,3 +107,64 @@ def test_distributed_equals_virtual(tmp_path: Path) -> None:
         initial = Net().to(DT).state_dict()
         assert not torch.equal(initial["hidden.weight"], virtual_state["hidden.weight"])
         assert not torch.equal(initial["embed.weight"], virtual_state["embed.weight"])
+
+
+MODES = ("ddp", "differ", "prepare", "no_sync")
+
+
+def run_wrapped(mode: str, rank: int) -> dict[str, torch.Tensor] | str:
+    """SISA on this rank under one of the usual setups; the final weights, or the error."""
+    torch.manual_seed(rank if mode in ("differ", "prepare") else 0)
+    model = Net().to(DT)
+    wrapped: nn.Module = model
+    if mode in ("ddp", "no_sync"):
+        wrapped = nn.parallel.DistributedDataParallel(model)
+    elif mode == "prepare":
+        model = wrapped = pisa.distributed.prepare(nn.parallel.DistributedDataParallel(model))
+    opt = make("sisa", model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    try:
+        for r in range(ROUNDS):
+            tokens, target = shard(r, rank)
+            opt.zero_grad(set_to_none=True)
+            if mode == "no_sync":
+                with pisa.distributed.no_sync(wrapped):
+                    (wrapped(tokens) - target).pow(2).mean().backward()
+            else:
+                (wrapped(tokens) - target).pow(2).mean().backward()
+            opt.step()
+            sched.step()
+    except RuntimeError as err:
+        return str(err)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _wrapped_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        out = {mode: run_wrapped(mode, rank) for mode in MODES}
+        torch.save(out, os.path.join(out_dir, f"wrapped{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_wrappers_are_caught_or_made_correct(tmp_path: Path) -> None:
+    """DDP-averaged gradients and ranks that start apart raise at the first step (one checksum
+    all-reduce); ``prepare`` and ``no_sync`` give the virtual-worker run."""
+    virtual, _ = run("sisa", rank=None)
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_wrapped_worker, args=(str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=WORLD, join=True, start_method=method)
+    ranks = [torch.load(tmp_path / f"wrapped{r}.pt", weights_only=True) for r in range(WORLD)]
+    for out in ranks:
+        assert isinstance(out["ddp"], str) and "averaged" in out["ddp"]
+        assert "pisa.distributed.prepare" in out["ddp"]
+        assert isinstance(out["differ"], str) and "parameters differ" in out["differ"]
+        for mode in ("prepare", "no_sync"):
+            assert isinstance(out[mode], dict), out[mode]
+            for key, value in virtual.items():
+                torch.testing.assert_close(out[mode][key], value, atol=1e-12, rtol=0,
+                                           msg=f"{mode} {key}")
