@@ -14,6 +14,7 @@ from experiments.rundir import read_json
 from experiments.runtime import init_distributed, pick_device, seed_everything
 from experiments.tasks import build_task
 from experiments.trainer import Diverged, Preempted, Trainer
+from experiments.validate import validate
 
 log = logging.getLogger("pisa-bench")
 
@@ -26,6 +27,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     end the run with status ``diverged`` / ``preempted``; any other error is recorded as
     ``failed`` and raised.
     """
+    validate(cfg)  # before anything else, and before the run directory exists
     d = init_distributed(str(cfg.train.device))
     device = pick_device(str(cfg.train.device), d)
     seed_everything(int(cfg.seed))

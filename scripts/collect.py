@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("roots", nargs="+", help="directories searched recursively for run dirs")
     p.add_argument("--out", required=True, help="output path stem (no extension)")
     args = p.parse_args(argv)
+    missing = [r for r in args.roots if not Path(r).exists()]
+    if missing:  # one line, no traceback
+        print(f"collect.py: no such run root: {', '.join(missing)}", file=sys.stderr)
+        return 2
     runs, curves = collect(args.roots)
     for path in write_collected(runs, curves, args.out):
         print(f"wrote {path}")

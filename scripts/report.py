@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--title", default=None, help="title of the tables and figures")
     args = p.parse_args(argv)
+    missing = [r for r in (args.runs or [args.table]) if not Path(r).exists()]
+    if missing:  # one line, no traceback
+        what = "run root" if args.runs else "runs table"
+        print(f"report.py: no such {what}: {', '.join(missing)}", file=sys.stderr)
+        return 2
     if args.runs:
         done = render_from_runs(args.runs, args.out, args.title)
     else:

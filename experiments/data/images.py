@@ -94,6 +94,8 @@ def mnist(cfg: DictConfig, data_dir: Path) -> ImageData:
     tx, ty = _idx_pair(d, files[0], files[1])
     vx, vy = _idx_pair(d, files[2], files[3])
     note = "" if len(tx) == 60000 else f"MNIST trained on the first {len(tx)} training images"
+    tx, ty, vx, vy, sub = _subsets(cfg, tx, ty, vx, vy)
+    note = "; ".join(n for n in (note, sub) if n)
     return ImageData(tx, ty, vx, vy, (0.1307,), (0.3081,), 10, note=note)
 
 
@@ -108,7 +110,22 @@ def fashion_mnist(cfg: DictConfig, data_dir: Path) -> ImageData:
     _require(d, files, "fashion-mnist")
     tx, ty = _idx_pair(d, files[0], files[1])
     vx, vy = _idx_pair(d, files[2], files[3])
-    return ImageData(tx, ty, vx, vy, (0.2860,), (0.3530,), 10)
+    tx, ty, vx, vy, note = _subsets(cfg, tx, ty, vx, vy)
+    return ImageData(tx, ty, vx, vy, (0.2860,), (0.3530,), 10, note=note)
+
+
+def _subsets(
+    cfg: DictConfig, tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """Class-balanced ``n_train`` / ``n_test`` subsets (:func:`balanced_subset`) and a note."""
+    notes, out = [], []
+    for key, x, y, verb in (("n_train", tx, ty, "trained on"), ("n_test", vx, vy, "evaluated on")):
+        n = cfg.get(key)
+        idx = torch.from_numpy(balanced_subset(y.numpy(), None if n is None else int(n)))
+        if len(idx) < len(y):
+            notes.append(f"{verb} a class-balanced subset of {len(idx)} of {len(y)} images")
+        out += [x[idx], y[idx]]
+    return out[0], out[1], out[2], out[3], "; ".join(notes)
 
 
 def synthetic(cfg: DictConfig, data_dir: Path) -> ImageData:
@@ -204,6 +221,30 @@ def cifar10(cfg: DictConfig, data_dir: Path) -> ImageData:
     if len(vx) < 10000:
         notes.append(f"evaluated on a class-balanced subset of {len(vx)} of 10,000 test images")
     return ImageData(tx, ty, vx, vy, CIFAR10_MEAN, CIFAR10_STD, 10, note="; ".join(notes))
+
+
+#: The ``task.data`` keys each loader reads besides ``name`` and ``synthetic`` (synthetic data also
+#: takes those of the dataset it stands in for, which stay in its config). ``shape`` and
+#: ``num_classes`` describe the synthetic stand-in (smoke scale) and are accepted in either mode.
+LOADER_KEYS: dict[str, frozenset[str]] = {
+    "mnist_shipped": frozenset({"n_train"}),
+    "mnist": frozenset({"n_train", "n_test"}),
+    "fashion_mnist": frozenset({"n_train", "n_test"}),
+    "cifar10": frozenset({"n_train", "n_test"}),
+    "synthetic": frozenset({"n_train", "n_test"}),
+}
+
+
+def image_data_keys(cfg: DictConfig) -> frozenset[str]:
+    """The ``task.data`` keys that :func:`load_images` reads for ``cfg`` (its dataset and mode)."""
+    name = str(cfg.get("name"))
+    if name not in LOADERS:  # (synthetic data stands in for a named dataset too)
+        from experiments.validate import ConfigError
+
+        raise ConfigError("task.data.name", name, f"choose one of {', '.join(sorted(LOADERS))}")
+    which = "synthetic" if cfg.get("synthetic") else name
+    keys = frozenset({"name", "synthetic", "shape", "num_classes"}) | LOADER_KEYS[which]
+    return keys | LOADER_KEYS.get(str(cfg.get("name")), frozenset())  # synthetic: stand-in's too
 
 
 LOADERS: dict[str, Callable[[DictConfig, Path], ImageData]] = {

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from experiments.data.images import balanced_subset
 from experiments.tasks.base import DatasetMissing
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -115,7 +116,14 @@ def adult_a9a(cfg: DictConfig, data_dir: Path) -> TabularData:
     tx, ty_raw = read_libsvm_cached(d / files[0], n_features)
     vx, vy_raw = read_libsvm_cached(d / files[1], n_features)
     ty, vy, k = encode_labels(ty_raw, vy_raw)
-    return TabularData(torch.from_numpy(tx), ty, torch.from_numpy(vx), vy, k)
+    x, y, notes = [torch.from_numpy(tx), torch.from_numpy(vx)], [ty, vy], []
+    for i, (key, verb) in enumerate((("n_train", "trained on"), ("n_test", "evaluated on"))):
+        n = cfg.get(key)  # a class-balanced subset (null: all rows)
+        idx = torch.from_numpy(balanced_subset(y[i].numpy(), None if n is None else int(n)))
+        if len(idx) < len(y[i]):
+            notes.append(f"{verb} a class-balanced subset of {len(idx)} of {len(y[i])} rows")
+        x[i], y[i] = x[i][idx], y[i][idx]
+    return TabularData(x[0], y[0], x[1], y[1], k, note="; ".join(notes))
 
 
 def synthetic(cfg: DictConfig, data_dir: Path) -> TabularData:
@@ -129,14 +137,33 @@ def synthetic(cfg: DictConfig, data_dir: Path) -> TabularData:
         x = (torch.rand(n, d, generator=g) < 0.1).float()
         return x, (x @ w + 0.5 * torch.randn(n, k, generator=g)).argmax(1)
 
-    tx, ty = make(int(cfg.get("n_train", 256)))
-    vx, vy = make(int(cfg.get("n_test", 128)))
+    tx, ty = make(int(cfg.get("n_train") or 256))
+    vx, vy = make(int(cfg.get("n_test") or 128))
     return TabularData(tx, ty, vx, vy, k, note="synthetic data")
 
 
 LOADERS: dict[str, Callable[[DictConfig, Path], TabularData]] = {
     "adult_a9a": adult_a9a,
 }
+
+#: The ``task.data`` keys each loader reads besides ``name``, ``synthetic`` and ``n_features``
+#: (``num_classes`` describes the synthetic stand-in and is accepted in either mode).
+LOADER_KEYS: dict[str, frozenset[str]] = {
+    "adult_a9a": frozenset({"dir", "n_train", "n_test"}),
+    "synthetic": frozenset({"n_train", "n_test"}),
+}
+
+
+def tabular_data_keys(cfg: DictConfig) -> frozenset[str]:
+    """The ``task.data`` keys that :func:`load_tabular` reads for ``cfg`` (dataset and mode)."""
+    name = str(cfg.get("name"))
+    if name not in LOADERS:  # (synthetic data stands in for a named dataset too)
+        from experiments.validate import ConfigError
+
+        raise ConfigError("task.data.name", name, f"choose one of {', '.join(sorted(LOADERS))}")
+    which = "synthetic" if cfg.get("synthetic") else name
+    keys = frozenset({"name", "synthetic", "n_features", "num_classes"}) | LOADER_KEYS[which]
+    return keys | LOADER_KEYS.get(str(cfg.get("name")), frozenset())  # synthetic: stand-in's too
 
 
 def load_tabular(cfg: DictConfig, data_dir: Path) -> TabularData:

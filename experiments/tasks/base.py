@@ -71,6 +71,15 @@ class Task(ABC):
         t = self.tcfg.metric.get("target")
         return None if t is None else float(t)
 
+    @classmethod
+    def accepted_data_keys(cls, data: DictConfig) -> frozenset[str] | None:
+        """The ``task.data`` keys this task and its loader read for ``data`` (None: unchecked).
+
+        :func:`experiments.validate.validate` refuses any other key before the run starts, so
+        that no key is silently ignored. May raise ``ConfigError`` (e.g. an unknown dataset).
+        """
+        return None
+
     # --- what a supervised task provides -------------------------------------------------
     def setup(self) -> None:  # noqa: B027 - optional hook
         """Load data (raise :class:`DatasetMissing` when it is absent). Called once."""

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
 from baselines.federated import ALGORITHMS, FedAlgorithm, build_algorithm, set_flat_params
@@ -223,6 +223,18 @@ class ADMMClients:
 # --- the task -------------------------------------------------------------------------------
 class Federated(Task):
     """Clients, partitions and the round loop; data from ``task.data.kind`` (tabular | images)."""
+
+    @classmethod
+    def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
+        from experiments.data.images import image_data_keys
+        from experiments.data.tabular import tabular_data_keys
+
+        keys = {"tabular": tabular_data_keys, "images": image_data_keys}.get(str(data.get("kind")))
+        if keys is None:
+            from experiments.validate import ConfigError
+
+            raise ConfigError("task.data.kind", data.get("kind"), "choose one of images, tabular")
+        return keys(data) | {"kind", "val_fraction"}
 
     def setup(self) -> None:
         d = self.tcfg.data

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from baselines import optimizer_needs
-from experiments.data.images import ImageData, load_images
+from experiments.data.images import ImageData, image_data_keys, load_images
 from experiments.fid import (
     ClassifierExtractor,
     FeatureExtractor,
@@ -89,6 +89,10 @@ class WGAN(Task):
 
     data: ImageData
     train_x: torch.Tensor  # the images the GAN trains on (``data.train_subset``)
+
+    @classmethod
+    def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
+        return image_data_keys(data) | {"resize", "train_subset"}
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
         super().__init__(cfg, device)

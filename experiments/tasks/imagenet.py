@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
 from experiments.models import build_model
@@ -88,6 +89,14 @@ class SeededSubset(torch.utils.data.Dataset):
 
 class ImageNetClassification(ImageClassification):
     """ResNet-18 on ImageNet-1k from ImageFolder directories; synthetic data at smoke scale."""
+
+    @classmethod
+    def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
+        from experiments.data.images import LOADER_KEYS
+
+        own = {"name", "synthetic", "train_per_class", "crop", "resize", "workers", "augment"}
+        own |= {"shape", "num_classes"}  # describe the synthetic stand-in (smoke scale)
+        return frozenset(own | (LOADER_KEYS["synthetic"] if data.get("synthetic") else set()))
 
     def _synthetic(self) -> bool:
         return bool(self.tcfg.data.get("synthetic"))

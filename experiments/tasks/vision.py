@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
-from experiments.data.images import ImageData, load_images
+from experiments.data.images import ImageData, image_data_keys, load_images
 from experiments.models import build_model
 from experiments.tasks.base import Task
 
@@ -61,6 +62,10 @@ class ImageClassification(Task):
     """Cross-entropy training, accuracy and loss on the test split."""
 
     data: ImageData
+
+    @classmethod
+    def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
+        return image_data_keys(data) | {"augment", "val_fraction"}
 
     def setup(self) -> None:
         self.data = load_images(self.tcfg.data, self.data_dir)

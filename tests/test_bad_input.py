@@ -1,0 +1,163 @@
+"""Bad input is refused in one line naming the key, before any run directory exists.
+
+Config values and optimizer hyperparameters are checked by :func:`experiments.validate.validate`
+(called first in :func:`experiments.main.execute`); every ``task.data`` key is either honoured by
+its loader or refused; the analysis scripts refuse a missing path in one line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from experiments.config import CONF_DIR, compose_config, group_options
+from experiments.data.images import load_images
+from experiments.main import execute
+from experiments.validate import ConfigError, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["task=quickstart_mnist", "scale=smoke", "train.threads=1"]
+REAL = ["task.data.synthetic=false"]  # the shipped MNIST loader (smoke scale: synthetic data)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names", "allowed"),
+    [
+        (["optim=sisa", "optim.lr=-1"], "optim.lr=-1", "lr must be in (0, 1/sigma)"),
+        (["optim=sisa", "optim.lr=abc"], "optim.lr='abc'", "a number"),
+        (["optim=sisa", "optim.n_workers=0"], "optim.n_workers=0", "integer >= 1"),
+        (["optim=sisa", "optim.lr=1.5"], "optim.lr=1.5", "(0, 1/sigma) = (0, 1)"),
+        (["optim=sisa", "optim.sigma=4", "optim.lr=0.5"], "optim.sigma=4", "(0, 0.25)"),
+        (["optim=adamw", "optim.lr=-1"], "optim.lr=-1", "a number > 0"),
+        (["optim=adamw", "optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5]", "[0, 1)"),
+        (["optim=muon", "optim.companion.lr=-1"], "optim.companion.lr=-1", "> 0"),
+        (["optim=sgdm", "optim.nesterov=maybe"], "optim.nesterov='maybe'", "true or false"),
+        (["optim.name=nope"], "optim.name='nope'", "adamw, adan"),
+        (["optim=adamw", "+optim.bogus=1"], "optim.bogus=1", "it takes amsgrad, betas"),
+        (["train.batch_size=abc"], "train.batch_size='abc'", "an integer >= 1"),
+        (["train.schedule.name=cos"], "train.schedule.name='cos'", "constant, step, cosine"),
+        (["train.precision=fp8"], "train.precision='fp8'", "auto, bf16, fp32"),
+        (["+task.explode_above=-1"], "task.explode_above=-1", "a number > 0"),
+        (["task.data.name=nope"], "task.data.name='nope'", "fashion_mnist, mnist"),
+        (["+task.data.bogus=1"], "task.data.bogus=1", "its keys are augment, n_test"),
+        ([*REAL, "+task.data.n_test=5"], "task.data.n_test=5", "dataset 'mnist_shipped'"),
+    ],
+)
+def test_bad_value_is_one_line_and_leaves_no_run_dir(
+    overrides: list[str], names: str, allowed: str, tmp_path: Path
+) -> None:
+    cfg = compose_config([*QUICK, f"paths.out_dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigError) as e:
+        execute(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(names + ": ") and allowed in msg, msg
+    assert list(tmp_path.iterdir()) == []  # no run directory, no failed record
+
+
+def _every_shipped_config() -> list[list[str]]:
+    pairs = [p.stem for p in (CONF_DIR / "task_optim").glob("*.yaml")]
+    tasks = group_options("task")
+    out = [[f"optim={o}", "task=quickstart_mnist"] for o in group_options("optim")]
+    out += [[f"task={t}", f"scale={s}"] for t in tasks for s in ("smoke", "paper")]
+    for stem in pairs:  # task_optim/<task>_<optim>.yaml
+        task = max((t for t in tasks if stem.startswith(t + "_")), key=len)
+        out.append([f"task={task}", f"optim={stem[len(task) + 1 :]}"])
+    out += [[f"experiment={e}"] for e in group_options("experiment")]
+    return out
+
+
+def test_every_shipped_config_is_valid() -> None:
+    """No false refusal: every optimizer, task x scale, task_optim pair and experiment passes."""
+    for overrides in _every_shipped_config():
+        try:
+            validate(compose_config(overrides))
+        except ConfigError as e:
+            pytest.fail(f"{overrides}: {e}")
+
+
+# --- every loader honours or refuses each key -------------------------------------------------
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file (magic 2051 for (N, H, W) uint8 images, 2049 for (N,) labels), gzipped."""
+    dims = array.shape
+    magic = 2051 if len(dims) == 3 else 2049
+    head = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in dims)
+    with gzip.open(path, "wb") as f:
+        f.write(head + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fashion_dir(tmp_path: Path) -> Path:
+    """A tiny Fashion-MNIST look-alike: 40 training images (4 per class), 20 test images."""
+    root = tmp_path / "data"
+    d = root / "fashion-mnist"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 40), ("t10k", 20)):
+        labels = np.arange(n) % 10
+        _write_idx(d / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(d / f"{stem}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def test_fashion_mnist_honours_n_train_and_n_test(fashion_dir: Path) -> None:
+    cfg = OmegaConf.create(
+        {"name": "fashion_mnist", "synthetic": False, "n_train": 20, "n_test": 10}
+    )
+    data = load_images(cfg, fashion_dir)
+    assert len(data.train_x) == 20 and len(data.test_x) == 10
+    assert np.bincount(data.train_y.numpy()).tolist() == [2] * 10  # class-balanced
+    assert "20 of 40" in data.note and "10 of 20" in data.note
+    full = load_images(OmegaConf.create({"name": "fashion_mnist", "synthetic": False}), fashion_dir)
+    assert len(full.train_x) == 40 and full.note == ""
+
+
+def test_fashion_mnist_n_train_run_trains_on_the_subset(fashion_dir: Path, tmp_path: Path) -> None:
+    """The issue's case: ``task.data.n_train`` with ``fashion_mnist`` trained on every image."""
+    cfg = compose_config(
+        [
+            "task=quickstart_mnist",
+            "task.data.name=fashion_mnist",
+            "task.data.n_train=20",
+            f"paths.data_dir={fashion_dir}",
+            f"paths.out_dir={tmp_path / 'out'}",
+            "train.threads=1",
+            "train.epochs=1",
+            "train.batch_size=10",
+            "train.eval_every=0",
+        ]
+    )
+    summary = execute(cfg)
+    assert summary["status"] == "ok", summary.get("error")
+    assert summary["steps"] == 2  # one epoch of 20 images in batches of 10 (not 40 images)
+    assert any("20 of 40" in n for n in summary["notes"])
+
+
+def test_tabular_loader_refuses_an_unknown_dataset() -> None:
+    cfg = compose_config(["task=fl_adult", "task.data.name=nope"])
+    with pytest.raises(ConfigError, match=r"^task.data.name='nope': choose one of adult_a9a$"):
+        validate(cfg)
+
+
+# --- the analysis scripts on a missing path ---------------------------------------------------
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["scripts/collect.py", "/nonexistent", "--out", "{tmp}/runs"],
+        ["scripts/report.py", "--runs", "/nonexistent", "--out", "{tmp}/report"],
+        ["scripts/report.py", "--table", "/nonexistent.parquet", "--out", "{tmp}/report"],
+    ],
+)
+def test_scripts_refuse_a_missing_path_in_one_line(argv: list[str], tmp_path: Path) -> None:
+    args = [a.format(tmp=tmp_path) for a in argv]
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "/nonexistent" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
