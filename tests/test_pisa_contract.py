@@ -533,3 +533,22 @@ def test_public_api_is_documented() -> None:
         assert "see :class:" not in doc.split("Args:")[1]
         for param in inspect.signature(cls).parameters:
             assert f"{param}:" in doc or f"{param}," in doc, f"{cls.__name__}.{param}"
+
+
+def test_readme_identity_for_one_worker() -> None:
+    """README, "Choosing sigma and lr": for m = 1, lambda = 0, q = 1 one round is
+    ``w <- w - 2 lr g - (1/sigma - 2 lr) g_bar`` with ``g_bar = -pi`` the EMA of g at rate c."""
+    dt = torch.float64
+    lr, sigma = 0.01, 20.0
+    c = lr * sigma
+    x = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=dt))
+    opt = pisa.PISA([x], lr=lr, sigma=sigma)
+    w, g_bar = x.detach().clone(), torch.zeros(3, dtype=dt)
+    for _ in range(30):
+        g = torch.sin(3 * w) + w**3
+        x.grad = g.clone()
+        opt.step()
+        w = w - 2 * lr * g - (1 / sigma - 2 * lr) * g_bar
+        g_bar = (1 - c) * g_bar + c * g
+        torch.testing.assert_close(x.detach(), w, atol=1e-14, rtol=0)
+        torch.testing.assert_close(-opt.state[x]["dual"][0], g_bar, atol=1e-14, rtol=0)
