@@ -431,6 +431,12 @@ def launch_hydra(
 
 
 # --- inside a launched job --------------------------------------------------------------------
+def _trainer_handles_sigterm() -> bool:
+    from experiments.trainer import Trainer
+
+    return isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), Trainer)
+
+
 def _export_torch_distributed() -> None:
     """In a multi-task submitit job (``hydra.launcher.nodes`` x ``tasks_per_node`` > 1: one task
     per GPU), export the torchrun variables that :func:`experiments.runtime.init_distributed`
@@ -447,53 +453,49 @@ def _export_torch_distributed() -> None:
             set_cuda_visible_devices=False, overwrite=True)
 
 
-#: Final statuses of the jobs this process ran (run.py's exit code is derived from them).
-JOB_STATUSES: list[str] = []
-
-
 def job_entry(cfg: DictConfig) -> dict[str, Any]:
-    """Task function of run.py and of launcher jobs: :func:`experiments.main.execute` under the
-    process's stop request (:mod:`experiments.stop`).
+    """Task function of launcher jobs: :func:`experiments.main.execute` made requeue-safe.
 
-    SIGINT / SIGTERM ask the running job to checkpoint and stop, and a local sweep (``run.py
-    -m``: jobs one after the other in this process) to launch nothing more: each later job
-    returns ``{"status": "not started"}`` at once; the same command resumes the sweep.
-
-    SLURM sends SIGUSR2 ``signal_delay_s`` before a job's time limit; submitit's own handler
-    would requeue at once, killing the training mid-step. Here USR2 sets the stop request as well
-    (checkpoint at the end of the step, status ``preempted``); once execute() has returned,
-    submitit's handler requeues the job, which resumes the run from ``ckpt/``.
+    SLURM sends SIGUSR2 ``signal_delay_s`` before a job's time limit (and on preemption where
+    the cluster is set up so); submitit's handler would checkpoint *the submission* and requeue
+    at once, killing the training mid-step without a checkpoint. Here USR2 is turned into the
+    trainer's own stop request (SIGTERM: checkpoint at the end of the step, status
+    ``preempted``); once execute() has returned, submitit's handler requeues the job, and the
+    requeued job resumes the run from ``ckpt/``. If the trainer is not running yet when USR2
+    comes, the request is forwarded as soon as it is; a run that finishes first just ends.
     """
     from experiments.main import execute
 
     _export_torch_distributed()
-    if stop.STOP.is_set():
-        log.warning("not started (this process was asked to stop): %s", run_dir_for(cfg))
-        JOB_STATUSES.append("not started")
-        return {"status": "not started"}
     if threading.current_thread() is not threading.main_thread():
         return execute(cfg)
-    asked: list[Any] = []
     previous = signal.getsignal(signal.SIGUSR2)
+    asked: list[Any] = []
+    done = threading.Event()
+
+    def forward_when_training() -> None:
+        while not done.is_set():
+            if _trainer_handles_sigterm():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.2)
 
     def on_usr2(signum: int, frame: Any) -> None:
         log.warning("signal %d (time limit / preemption): checkpointing, then requeueing", signum)
+        if asked:
+            return
         asked.append(frame)
-        stop.STOP.set()
+        if _trainer_handles_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            threading.Thread(target=forward_when_training, daemon=True).start()
 
     signal.signal(signal.SIGUSR2, on_usr2)
-    status = "failed"
     try:
-        with stop.handle_signals():
-            summary = execute(cfg)
-        status = str(summary.get("status"))
-    except OSError as e:
-        if e.filename or e.errno is None:
-            raise
-        raise OSError(e.errno, e.strerror, str(run_dir_for(cfg))) from e  # name the run
+        summary = execute(cfg)
     finally:
+        done.set()
         signal.signal(signal.SIGUSR2, previous)
-        JOB_STATUSES.append(status)
     if asked and summary.get("status") == "preempted" and callable(previous):
         previous(signal.SIGUSR2, asked[0])  # submitit: requeue (or give up) and exit
     return summary
