@@ -103,6 +103,11 @@ def test_grad_accum_is_refused_by_custom_loops(run_cfg) -> None:
         run_cfg(["task=wgan_cifar10", "scale=smoke", "optim=adam", "train.grad_accum=2"])
 
 
+def test_grad_accum_is_refused_by_the_lstm(run_cfg) -> None:
+    with pytest.raises(ValueError, match=r"task lstm1_ptb takes no train\.grad_accum"):
+        run_cfg(["task=lstm1_ptb", "scale=smoke", "optim=sisa", "train.grad_accum=2"])
+
+
 def test_gpt2_xl_paper_config_accumulates_4x4_at_65536_tokens() -> None:
     sizes = {"124M": 1, "350M": 1, "1558M": 4}
     for size, accum in sizes.items():

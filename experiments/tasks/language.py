@@ -362,6 +362,11 @@ class LSTMLanguageModel(Task):
                 f"workers take consecutive pieces of each BPTT window, each starting from the "
                 f"hidden state the previous piece ends with; run `python run.py` without torchrun "
                 f"(the m workers are virtual: optim.n_workers)")
+        if int(self.cfg.train.get("grad_accum") or 1) != 1:
+            raise ValueError(
+                f"task {self.tcfg.name} takes no train.grad_accum: micro-batches would cut each "
+                f"worker's piece of the BPTT window along time again, truncating backpropagation "
+                f"at every cut (set train.grad_accum=1)")
         d = self.tcfg.data
         bsz, ebsz = int(self.cfg.train.batch_size), int(self.cfg.train.eval_batch_size)
         if d.synthetic:
