@@ -138,6 +138,28 @@ def test_fashion_mnist_n_train_run_trains_on_the_subset(fashion_dir: Path, tmp_p
     assert any("20 of 40" in n for n in summary["notes"])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "start"),
+    [
+        (["task=gpt2", "+task.data.n_train=5"], "task.data.n_train=5: not read by task gpt2 "),
+        (["task=gpt2", "task.data.name=c4"], "task.data.name='c4': choose one of fineweb10B"),
+        (["task=gpt2_finetune", "+task.data.n=1"], "task.data.n=1: not read by task gpt2_fine"),
+        (["task=lstm1_ptb", "task.data.name=wsj"], "task.data.name='wsj': choose one of ptb"),
+        (["task=lstm2_ptb", "+task.data.seq_len=9"], "task.data.seq_len=9: not read by task lst"),
+        (["task=wgan_cifar10", "+task.data.n_tests=9"], "task.data.n_tests=9: not read by task"),
+        (["task=fl_adult", "task.data.kind=x"], "task.data.kind='x': choose one of images, tab"),
+        (["task=fl_adult", "+task.data.shape=[1]"], "task.data.shape=[1]: not read by task fl_"),
+        (["task=fl_cifar10", "+task.data.dir=x"], "task.data.dir='x': not read by task fl_cifar"),
+        (["task=resnet18_imagenet", "+task.data.n_test=1"], "task.data.n_test=1: not read by"),
+        (["task=vgg11_cifar10", "+task.data.resize=9"], "task.data.resize=9: not read by task"),
+    ],
+)
+def test_every_task_refuses_a_data_key_it_does_not_read(overrides: list[str], start: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config(overrides))
+    assert str(e.value).startswith(start) and "\n" not in str(e.value), str(e.value)
+
+
 def test_tabular_loader_refuses_an_unknown_dataset() -> None:
     cfg = compose_config(["task=fl_adult", "task.data.name=nope"])
     with pytest.raises(ConfigError, match=r"^task.data.name='nope': choose one of adult_a9a$"):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from experiments.data import text
@@ -71,6 +71,14 @@ def _tokens(tokenizer: object, path: Path) -> np.ndarray:
     return np.asarray(text.encode(tokenizer, path.read_text("utf-8")), np.int64)
 
 
+def _check_dataset(data: DictConfig, names: tuple[str, ...]) -> None:
+    """``ConfigError`` unless ``data.name`` is one of ``names`` (synthetic data stands in too)."""
+    if str(data.get("name")) not in names:
+        from experiments.validate import ConfigError
+
+        raise ConfigError("task.data.name", data.get("name"), f"choose one of {', '.join(names)}")
+
+
 def _require(directory: Path, files: list[str], dataset: str) -> None:
     if any(not (directory / f).exists() for f in files):
         raise DatasetMissing(dataset, directory, files)
@@ -81,6 +89,18 @@ def _require(directory: Path, files: list[str], dataset: str) -> None:
 # ============================================================================================
 class GPTPretraining(Task):
     """Next-token prediction on token windows; batches are (B, seq_len + 1) int64 tensors."""
+
+    DATASETS = ("fineweb10B", "tinyshakespeare", "wikitext2")
+
+    @classmethod
+    def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
+        """Every dataset's keys (the task config holds them all; ``synthetic_*``: smoke scale)."""
+        _check_dataset(data, cls.DATASETS)
+        return frozenset({
+            "name", "synthetic", "seq_len", "shuffle", "val_tokens", "synthetic_vocab",
+            "synthetic_tokens", "dir", "train_pattern", "val_pattern", "tokenizer_dir",
+            "train_frac", "compact_vocab",
+        })
 
     train_windows: text.TokenWindows
     val_windows: text.TokenWindows
@@ -209,6 +229,14 @@ def recipe_text(ingredients: str, instructions: str) -> str:
 
 class GPT2Finetune(Task):
     """Causal LM loss on recipes, padded to ``data.max_length``; padding is not scored."""
+
+    @classmethod
+    def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
+        _check_dataset(data, ("recipes",))
+        return frozenset({
+            "name", "synthetic", "dir", "file", "max_length", "split_seed", "train_frac",
+            "tokenizer_dir", "compact_vocab", "synthetic_samples", "synthetic_vocab",
+        })
 
     train_ids: torch.Tensor
     val_ids: torch.Tensor
@@ -349,6 +377,14 @@ class LSTMLanguageModel(Task):
     train_data: torch.Tensor
     eval_sets: dict[str, torch.Tensor]
     vocab_size: int
+
+    @classmethod
+    def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
+        _check_dataset(data, ("ptb",))
+        return frozenset({
+            "name", "synthetic", "dir", "train_file", "val_file", "test_file", "note", "bptt",
+            "val_fraction", "synthetic_vocab", "synthetic_tokens",
+        })
 
     def __init__(self, cfg: Any, device: torch.device) -> None:
         super().__init__(cfg, device)
