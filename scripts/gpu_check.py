@@ -175,7 +175,7 @@ class Checks:
              "tokens_per_s": round(tok_s), "opt_step_ms": round(summary["opt_step_ms_mean"], 2),
              "peak_memory_gib": round(summary["peak_memory_bytes"] / 2**30, 2),
              "n_params": summary["n_params"], "final_val_loss": summary["final_metric"]}
-        return (f"{m['n_params'] / 1e6:.1f}M params, {bs}x{seq} tokens/step: "
+        return (f"{m['n_params']:,} params, {bs}x{seq} tokens/step: "
                 f"{m['step_ms']} ms/step (steps {warm}-{steps}), {m['tokens_per_s']} tok/s, "
                 f"optimizer {m['opt_step_ms']} ms, peak memory {m['peak_memory_gib']} GiB"), m
 

@@ -117,3 +117,19 @@ def test_gpt2_xl_paper_config_accumulates_4x4_at_65536_tokens() -> None:
         micro = tc.batch_size // m // tc.grad_accum  # sequences per device per backward
         assert tc.batch_size * cfg.task.data.seq_len == 65536
         assert (micro, tc.grad_accum, m) == ((16, 1, 4) if accum == 1 else (4, 4, 4))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("optim", "single"), [("sisa", ["optim.n_workers=2"]), ("adamw", [])])
+def test_accumulation_under_torchrun_equals_whole_pieces(
+    optim: str, single: list[str], run_cfg, tmp_path: Path
+) -> None:
+    """2 ranks x 2 micro-batches each = one process whose workers (SISA: 2 virtual workers,
+    AdamW: the whole batch) take their pieces whole: a round still has m = 2 workers."""
+    from test_distributed_trainer import BASE, _losses, _torchrun
+
+    dist_dir = _torchrun([*BASE, f"optim={optim}", "train.grad_accum=2"], tmp_path / "dist")
+    ref, ref_dir = run_cfg([*BASE, f"optim={optim}", *single, "name=single"])
+    got, want = _losses(dist_dir), _losses(ref_dir)
+    assert len(got) == len(want) == 4
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
