@@ -7,11 +7,13 @@ import traceback
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 
-from experiments.record import RunExists, RunRecord, run_dir_for
-from experiments.rundir import read_json
-from experiments.runtime import init_distributed, pick_device, seed_everything
+from experiments.checkpoints import CheckpointStore, Loaded
+from experiments.record import RunExists, RunRecord, check_identity, run_dir_for, verify_finished
+from experiments.rundir import OUTCOMES, UnreadableRecord, read_summary
+from experiments.runtime import Dist, init_distributed, pick_device, seed_everything
 from experiments.tasks import build_task
 from experiments.trainer import Diverged, Preempted, Trainer
 from experiments.validate import validate
@@ -22,10 +24,11 @@ log = logging.getLogger("pisa-bench")
 def execute(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg`` into its run directory and return its summary.
 
-    A finished run is never redone: with ``run.if_exists=resume`` (default) its summary is
-    returned as is; an unfinished one resumes from its checkpoint. Divergence and preemption
-    end the run with status ``diverged`` / ``preempted``; any other error is recorded as
-    ``failed`` and raised.
+    A finished run (status ok or diverged) is never redone: with ``run.if_exists=resume``
+    (default) it is skipped, said so, and its summary returned. Anything else continues from the
+    newest checkpoint that loads (see :mod:`experiments.record`). Divergence and preemption end
+    the run with status ``diverged`` / ``preempted``; any other error is recorded as ``failed``
+    (retried by the next invocation) and raised.
     """
     validate(cfg)  # before anything else, and before the run directory exists
     d = init_distributed(str(cfg.train.device))
@@ -35,16 +38,27 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.train.threads))
     run_dir = run_dir_for(cfg)
     task = build_task(cfg, device)
+    lock = None
+    if d.is_main:
+        lock = RunRecord.claim(cfg)
+        try:
+            finished = _finished_summary(cfg, run_dir, str(device))
+            if finished is not None:
+                lock.release()
+                return finished
+            check_identity(run_dir, cfg)
+        except BaseException:
+            lock.release()
+            raise
+    store = CheckpointStore(run_dir, d.rank)
+    store.clean()
+    loaded, notes = store.load(map_location=device)
+    loaded, notes = _agree_across_ranks(store, loaded, notes, d, device)
     record = None
     if d.is_main:
-        try:
-            record = RunRecord.open(cfg, str(device))
-        except RunExists as e:
-            if cfg.run.if_exists == "resume" and (run_dir / "summary.json").exists():
-                log.info("skipping: %s", e)
-                return read_json(run_dir / "summary.json")
-            raise
-        log.info("run directory: %s", run_dir)
+        record = RunRecord.open(cfg, str(device), loaded, notes, lock)
+        log.info("run directory: %s (%s)", run_dir,
+                 f"resumed at step {loaded.step}" if loaded else "started at step 0")
         record.update(
             metric=task.metric,
             metric_split=task.metric_split,
@@ -52,7 +66,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
             target=task.target,
         )
     sinks = []
-    trainer = Trainer(cfg, task, record, run_dir, device, d)
+    trainer = Trainer(cfg, task, record, run_dir, device, d, resume=loaded)
     try:
         task.setup()
         if record is not None:
@@ -73,9 +87,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         status, error = "preempted", None
     except BaseException as e:
         if record is not None:
-            trainer.write_progress()
-            record.update(notes=[*(record.summary.get("notes") or []), *task.notes])
-            record.close("failed", "".join(traceback.format_exception_only(type(e), e)).strip())
+            _close_failed(record, trainer, task, e)
         raise
     finally:
         for s in sinks:
@@ -95,3 +107,59 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         summary["best_metric"],
     )
     return summary
+
+
+def _finished_summary(cfg: DictConfig, run_dir: Any, device: str) -> dict[str, Any] | None:
+    """The summary of a finished run to skip (its record checked, restored if need be); None
+    when the run is to be started or continued. Refuses a finished run under
+    ``run.if_exists=refuse``."""
+    try:
+        summary = read_summary(run_dir)
+    except UnreadableRecord:
+        return None  # recovered from the checkpoint (RunRecord.open says so)
+    if summary is None or summary.get("status") not in OUTCOMES:
+        return None
+    if cfg.run.if_exists != "resume":
+        raise RunExists(
+            f"{run_dir} already holds a finished run (status '{summary['status']}'); runs are "
+            "never overwritten. Change the seed or `name=`, or delete that directory."
+        )
+    for note in verify_finished(run_dir, summary, device):
+        log.warning("%s: %s", run_dir, note)
+    log.info("skipping %s: finished earlier (status %s, %s=%s)", run_dir, summary["status"],
+             summary.get("metric"), summary.get("final_metric"))
+    return summary
+
+
+def _agree_across_ranks(
+    store: CheckpointStore, loaded: Loaded | None, notes: list[str], d: Dist,
+    device: torch.device,
+) -> tuple[Loaded | None, list[str]]:
+    """Under torchrun, continue from the newest step every rank can load (or all from 0)."""
+    if d.world == 1:
+        return loaded, notes
+    step = torch.tensor([loaded.step if loaded else -1], dtype=torch.int64, device=device)
+    dist.all_reduce(step, op=dist.ReduceOp.MIN)
+    agreed = int(step.item())
+    if agreed < 0:
+        return None, notes + (["another rank had no loadable checkpoint"] if loaded else [])
+    if loaded is None or loaded.step != agreed:
+        loaded, more = store.load(map_location=device, max_step=agreed)
+        notes = notes + more
+    ok = torch.tensor([int(loaded is not None and loaded.step == agreed)], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not int(ok.item()):
+        return None, [*notes, f"the ranks hold no common checkpoint (step {agreed})"]
+    return loaded, notes
+
+
+def _close_failed(record: RunRecord, trainer: Trainer, task: Any, e: BaseException) -> None:
+    """Record a failed attempt as far as the disk allows (a full disk may refuse even that:
+    then the run stays 'running' and the next invocation continues it all the same)."""
+    try:
+        trainer.write_progress()
+        record.update(notes=[*(record.summary.get("notes") or []), *task.notes])
+        record.close("failed", "".join(traceback.format_exception_only(type(e), e)).strip())
+    except OSError as io:
+        log.error("could not record the failure in %s: %s", record.dir, io)
+        record.lock.release()

@@ -3,17 +3,26 @@
 One directory per run, never overwritten, every file written atomically::
 
     <run_dir>/
-        config.yaml     resolved Hydra config
-        meta.json       git sha + dirty flag, package versions, device, host, command, start time
+        config.yaml     resolved Hydra config (written once, at the first start)
+        meta.json       identity hash, and one entry per attempt: git sha + dirty flag, host, pid,
+                        device, command, start time, the step it resumed from
         metrics.csv     long format: step,epoch,samples_or_tokens,wall_time_s,split,metric,value
         summary.json    status (ok | diverged | failed | preempted | running), final / best primary
                         metric, steps, wall time, mean optimizer-step ms, peak memory,
                         optimizer-state bytes, steps / time to target, the error if any
-        checkpoint.pt   latest checkpoint (model, optimizer, scheduler, RNG, trainer position)
+        ckpt/rank{r}.pt       latest checkpoint of rank r (model, optimizer, scheduler, RNG,
+        ckpt/rank{r}.prev.pt  trainer position, the metric rows so far) and the one before it
+        attempts/<k>-<why>/   what an attempt left when the next one could not continue it
+        .lock           held (``flock``) by the one process that runs the run; pid, host, start
 
-``metrics.csv`` is appended row by row and flushed; a crash loses at most the row being
-written, which the reader drops. ``summary.json`` is written at start (status ``running``),
-at each checkpoint and at the end, always through a temporary file and ``os.replace``.
+The promise (tested in ``tests/test_faults.py``): whatever kills a run (a signal, ``kill -9``
+inside any write, a full disk, a lost file), the next invocation of the same command continues
+it from the newest checkpoint that loads and ends with ``metrics.csv`` equal, row for row, to an
+uninterrupted run. ``metrics.csv`` is appended row by row and flushed; on resume it is rewritten
+from the rows the checkpoint carries, so rows logged after the checkpoint, a torn last line, or a
+deleted or truncated file never reach the record. Every other file is written to a temporary
+file, fsynced, renamed over the old one and the directory fsynced: readers see the old or the new
+file, never half. Temporary files a kill left behind are removed at the next start.
 """
 
 from __future__ import annotations
@@ -35,7 +44,9 @@ from typing import Any
 
 METRIC_COLUMNS = ("step", "epoch", "samples_or_tokens", "wall_time_s", "split", "metric", "value")
 STATUSES = ("ok", "diverged", "failed", "preempted", "running")
-FINISHED = ("ok", "diverged", "failed")
+# A run with one of these statuses has its outcome: it is skipped, never redone. "failed",
+# "preempted" and "running" (a killed process) are resumed or retried by the next invocation.
+OUTCOMES = ("ok", "diverged")
 # summary.json keys (every key always present; None where it does not apply):
 SUMMARY_FIELDS = {
     "status": "ok | diverged | failed | preempted | running",
@@ -63,6 +74,9 @@ SUMMARY_FIELDS = {
     "diverged_step": "step where loss/metric became NaN/inf (None: never)",
     "error": "exception text of a failed run (None otherwise)",
     "notes": "list of plain-language remarks (e.g. substitute data, untrained start)",
+    "identity": "hash of the run's identity: its resolved config minus seed, paths, bookkeeping",
+    "family": "consensus (a PISA-family optimizer) | baseline",
+    "metric_rows": "rows in metrics.csv when the summary was written (integrity check)",
 }
 PACKAGES = (
     "torch",
@@ -77,19 +91,54 @@ PACKAGES = (
 )
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+FAULT_ENV = "PISA_FAULT_KILL_AT_WRITE"  # tests: "<n>" SIGKILLs this process inside its n-th write
+_writes = 0
+
+
+def fault_point() -> None:
+    """Fault injection for the crash tests: with ``PISA_FAULT_KILL_AT_WRITE=n`` the process kills
+    itself (SIGKILL, no cleanup) inside its n-th atomic write, after the data is written and
+    before the rename: the moment a crash is most likely to tear a record."""
+    global _writes
+    at = os.environ.get(FAULT_ENV)
+    if not at:
+        return
+    _writes += 1
+    if _writes == int(at):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """``write(binary_file)`` into a temporary file beside ``path``, fsync it, rename it over
+    ``path`` and fsync the directory."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -97,18 +146,20 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_save_torch(path: str | os.PathLike, obj: Any) -> None:
-    """``torch.save`` through a temporary file and ``os.replace``."""
+    """``torch.save`` through a temporary file, fsync and ``os.replace``."""
     import torch
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def remove_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files that killed writers left in ``directory`` (call it while
+    holding the run's lock, so that no live writer owns them)."""
+    removed = []
+    for tmp in directory.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def _json_default(o: Any) -> Any:
@@ -122,6 +173,34 @@ def _json_default(o: Any) -> Any:
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     with open(path) as f:
         return json.load(f)
+
+
+class UnreadableRecord(ValueError):
+    """A record file exists but cannot be parsed; the message names the file."""
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """``summary.json`` of ``run_dir``; None when absent; :class:`UnreadableRecord` naming the file
+    when it is not a JSON object (the one status reader of the suite)."""
+    path = run_dir / "summary.json"
+    try:
+        s = read_json(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UnreadableRecord(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(s, dict):
+        raise UnreadableRecord(f"{path}: not a JSON object")
+    return s
+
+
+def run_status(run_dir: Path) -> str | None:
+    """The run's status (None: never started; ``"unreadable"``: a broken summary.json)."""
+    try:
+        s = read_summary(run_dir)
+    except UnreadableRecord:
+        return "unreadable"
+    return None if s is None else s.get("status")
 
 
 def package_versions() -> dict[str, str]:
@@ -163,17 +242,24 @@ def run_meta(device: str, repo: Path) -> dict[str, Any]:
     }
 
 
-class MetricsWriter:
-    """Appends rows of ``metrics.csv`` (long format), flushing each batch of rows."""
+MetricRow = tuple[str, ...]  # one metrics.csv row, as written (strings)
 
-    def __init__(self, path: str | os.PathLike) -> None:
+
+class MetricsWriter:
+    """Appends rows of ``metrics.csv`` (long format), flushing each batch of rows, and keeps every
+    row written so far in :attr:`rows` (checkpoints carry them: a resume rewrites the file)."""
+
+    def __init__(self, path: str | os.PathLike, rows: list[MetricRow] | None = None) -> None:
+        """Start ``path`` afresh with ``rows`` (atomically), then append to it."""
         self.path = Path(path)
-        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.rows: list[MetricRow] = list(rows or [])
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(METRIC_COLUMNS)
+        w.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())
         self._f = open(self.path, "a", newline="")  # noqa: SIM115 - kept open for the run
         self._w = csv.writer(self._f)
-        if new:
-            self._w.writerow(METRIC_COLUMNS)
-            self._f.flush()
 
     def write(
         self,
@@ -184,40 +270,29 @@ class MetricsWriter:
         split: str,
         metrics: Mapping[str, float],
     ) -> None:
-        for name, value in metrics.items():
-            self._w.writerow(
-                [
-                    step,
-                    f"{epoch:.6g}",
-                    samples_or_tokens,
-                    f"{wall_time_s:.4f}",
-                    split,
-                    name,
-                    repr(float(value)),
-                ]
+        new = [
+            (
+                str(step),
+                f"{epoch:.6g}",
+                str(samples_or_tokens),
+                f"{wall_time_s:.4f}",
+                split,
+                name,
+                repr(float(value)),
             )
+            for name, value in metrics.items()
+        ]
+        self._w.writerows(new)
         self._f.flush()
+        self.rows.extend(new)
 
     def close(self) -> None:
         self._f.close()
 
 
-def truncate_metrics(path: str | os.PathLike, after_step: int) -> None:
-    """Drop rows logged after ``after_step`` (used on resume: those steps are re-run)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    header, body = rows[0], rows[1:]
-    kept = [r for r in body if len(r) == len(METRIC_COLUMNS) and int(r[0]) <= after_step]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(kept)
-    atomic_write_text(path, buf.getvalue())
+def count_metric_rows(path: str | os.PathLike) -> int:
+    """Complete data rows of a ``metrics.csv`` (the header and a torn last line not counted)."""
+    return len(read_metrics(path))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

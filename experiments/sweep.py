@@ -17,7 +17,7 @@ a plain cartesian product cannot say (read by :func:`plan`, ignored by run.py)::
 
 Every point is composed exactly as ``run.py`` would compose it, so its run directory
 (:func:`experiments.record.run_dir_for`) is known before anything runs. Points whose run is
-finished (status ok / diverged / failed) are skipped; points a live launcher is already running
+finished (status ok / diverged) are skipped; points a live launcher is already running
 (the in-flight ledger under ``<out_dir>/runs/<name>/.inflight/``) are skipped too; the rest are
 launched: in this process one after the other (``local``) or as one job each through a Hydra
 launcher plugin (``submitit_local``, ``slurm``), the way Hydra's basic sweeper calls it. Running
@@ -43,9 +43,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments import stop
 from experiments.config import CONF_DIR
 from experiments.record import run_dir_for
-from experiments.rundir import FINISHED, atomic_write_json, read_json
+from experiments.rundir import OUTCOMES, atomic_write_json, read_json, run_status
 
 log = logging.getLogger("pisa-bench")
 
@@ -72,7 +73,7 @@ class Point:
 
     @property
     def finished(self) -> bool:
-        return self.status in FINISHED
+        return self.status in OUTCOMES
 
     def command(self) -> str:
         """The equivalent single-run command line."""
@@ -139,14 +140,7 @@ def _quote(s: str) -> str:
     return shlex.quote(s)
 
 
-def _status(run_dir: Path) -> str | None:
-    p = run_dir / "summary.json"
-    if not p.exists():
-        return None
-    try:
-        return read_json(p).get("status")
-    except (OSError, ValueError):
-        return "unreadable"
+_status = run_status
 
 
 def is_hydra_override(o: str) -> bool:
@@ -276,23 +270,6 @@ def plan(
     return p
 
 
-def archive_failed(plan_: Plan) -> list[Path]:
-    """Move the directories of the plan's failed runs (runs are never overwritten) to
-    ``<out_dir>/runs/<name>/.failed/<time>/...`` (kept for inspection, ignored by collection),
-    so that they run afresh; returns the new locations."""
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    moved = []
-    for p in plan_.points:
-        if p.status != "failed":
-            continue
-        dest = plan_.runs_root / ".failed" / stamp / p.run_dir.relative_to(plan_.runs_root)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        p.run_dir.rename(dest)
-        p.status = None
-        moved.append(dest)
-    return moved
-
-
 # --- the in-flight ledger ---------------------------------------------------------------------
 def _pid_alive(pid: int) -> bool:
     try:
@@ -356,28 +333,34 @@ def launch_local(
 ) -> dict[str, int]:
     """Run ``points`` one after the other in this process; returns counts per final status.
 
-    A failing run is recorded (status failed) and the sweep goes on; a preempted one (Ctrl-C,
-    SIGTERM) stops the sweep: the same command resumes it.
+    A failing run is recorded (status failed) and the sweep goes on; a signal (Ctrl-C, SIGTERM)
+    checkpoints the running one and launches nothing more: the same command resumes the sweep.
     """
     from experiments.main import execute
 
     counts: dict[str, int] = {}
     n = len(points)
-    for i, p in enumerate(points, 1):
-        how = "resume" if p.status is not None else "start"
-        echo(f"[{i}/{n}] {p.label} ({how}) ...")
-        t0 = time.perf_counter()
-        try:
-            summary = execute(p.cfg)
-            status = str(summary.get("status"))
-            detail = f"{summary.get('metric')}={_fmt(summary.get('final_metric'))}"
-        except Exception as e:  # recorded as failed by execute(); keep going
-            status, detail = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        counts[status] = counts.get(status, 0) + 1
-        echo(f"[{i}/{n}] {p.label}: {status}, {detail} ({time.perf_counter() - t0:.1f} s)")
-        if status == "preempted":
-            echo("interrupted: the run saved a checkpoint; run the same command to resume")
-            break
+    with stop.handle_signals():
+        for i, p in enumerate(points, 1):
+            if stop.STOP.is_set():
+                counts["not started"] = n - i + 1
+                echo(f"stopped by a signal: {n - i + 1} runs not started; run the same command "
+                     "to resume")
+                break
+            how = "resume" if p.status is not None else "start"
+            echo(f"[{i}/{n}] {p.label} ({how}) ...")
+            t0 = time.perf_counter()
+            try:
+                summary = execute(p.cfg)
+                status = str(summary.get("status"))
+                detail = f"{summary.get('metric')}={_fmt(summary.get('final_metric'))}"
+            except Exception as e:  # recorded as failed by execute(); keep going
+                status, detail = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            counts[status] = counts.get(status, 0) + 1
+            echo(f"[{i}/{n}] {p.label}: {status}, {detail} ({time.perf_counter() - t0:.1f} s)")
+            if status == "preempted":
+                echo("interrupted: the run saved a checkpoint; run the same command to resume")
+                break
     return counts
 
 
@@ -431,12 +414,6 @@ def launch_hydra(
 
 
 # --- inside a launched job --------------------------------------------------------------------
-def _trainer_handles_sigterm() -> bool:
-    from experiments.trainer import Trainer
-
-    return isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), Trainer)
-
-
 def _export_torch_distributed() -> None:
     """In a multi-task submitit job (``hydra.launcher.nodes`` x ``tasks_per_node`` > 1: one task
     per GPU), export the torchrun variables that :func:`experiments.runtime.init_distributed`
@@ -453,49 +430,53 @@ def _export_torch_distributed() -> None:
             set_cuda_visible_devices=False, overwrite=True)
 
 
-def job_entry(cfg: DictConfig) -> dict[str, Any]:
-    """Task function of launcher jobs: :func:`experiments.main.execute` made requeue-safe.
+#: Final statuses of the jobs this process ran (run.py's exit code is derived from them).
+JOB_STATUSES: list[str] = []
 
-    SLURM sends SIGUSR2 ``signal_delay_s`` before a job's time limit (and on preemption where
-    the cluster is set up so); submitit's handler would checkpoint *the submission* and requeue
-    at once, killing the training mid-step without a checkpoint. Here USR2 is turned into the
-    trainer's own stop request (SIGTERM: checkpoint at the end of the step, status
-    ``preempted``); once execute() has returned, submitit's handler requeues the job, and the
-    requeued job resumes the run from ``ckpt/``. If the trainer is not running yet when USR2
-    comes, the request is forwarded as soon as it is; a run that finishes first just ends.
+
+def job_entry(cfg: DictConfig) -> dict[str, Any]:
+    """Task function of run.py and of launcher jobs: :func:`experiments.main.execute` under the
+    process's stop request (:mod:`experiments.stop`).
+
+    SIGINT / SIGTERM ask the running job to checkpoint and stop, and a local sweep (``run.py
+    -m``: jobs one after the other in this process) to launch nothing more: each later job
+    returns ``{"status": "not started"}`` at once; the same command resumes the sweep.
+
+    SLURM sends SIGUSR2 ``signal_delay_s`` before a job's time limit; submitit's own handler
+    would requeue at once, killing the training mid-step. Here USR2 sets the stop request as well
+    (checkpoint at the end of the step, status ``preempted``); once execute() has returned,
+    submitit's handler requeues the job, which resumes the run from ``ckpt/``.
     """
     from experiments.main import execute
 
     _export_torch_distributed()
+    if stop.STOP.is_set():
+        log.warning("not started (this process was asked to stop): %s", run_dir_for(cfg))
+        JOB_STATUSES.append("not started")
+        return {"status": "not started"}
     if threading.current_thread() is not threading.main_thread():
         return execute(cfg)
-    previous = signal.getsignal(signal.SIGUSR2)
     asked: list[Any] = []
-    done = threading.Event()
-
-    def forward_when_training() -> None:
-        while not done.is_set():
-            if _trainer_handles_sigterm():
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.2)
+    previous = signal.getsignal(signal.SIGUSR2)
 
     def on_usr2(signum: int, frame: Any) -> None:
         log.warning("signal %d (time limit / preemption): checkpointing, then requeueing", signum)
-        if asked:
-            return
         asked.append(frame)
-        if _trainer_handles_sigterm():
-            os.kill(os.getpid(), signal.SIGTERM)
-        else:
-            threading.Thread(target=forward_when_training, daemon=True).start()
+        stop.STOP.set()
 
     signal.signal(signal.SIGUSR2, on_usr2)
+    status = "failed"
     try:
-        summary = execute(cfg)
+        with stop.handle_signals():
+            summary = execute(cfg)
+        status = str(summary.get("status"))
+    except OSError as e:
+        if e.filename or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(run_dir_for(cfg))) from e  # name the run
     finally:
-        done.set()
         signal.signal(signal.SIGUSR2, previous)
+        JOB_STATUSES.append(status)
     if asked and summary.get("status") == "preempted" and callable(previous):
         previous(signal.SIGUSR2, asked[0])  # submitit: requeue (or give up) and exit
     return summary

@@ -16,16 +16,19 @@ other optimizer gets its gradients averaged across ranks first (what DDP does).
 
 Services for tasks with their own loop (GAN, RL, federated): :meth:`make_optimizer`,
 :meth:`make_scheduler`, :meth:`optimizer_step` (timed), :meth:`log`, :meth:`record_eval`,
-:meth:`check_finite`, :meth:`save_checkpoint` / :meth:`load_checkpoint`,
-:meth:`checkpoint_or_stop` (once per step), :meth:`progress`.
+:meth:`check_finite`, :meth:`load_checkpoint`, :meth:`checkpoint_or_stop` (once per step),
+:meth:`progress`.
+
+Checkpoints (``ckpt/rank{r}.pt`` and the one before, :mod:`experiments.checkpoints`) are written
+every ``train.ckpt_every`` steps (0: off), every ``train.ckpt_every_min`` minutes of wall time,
+after each evaluation (``train.ckpt_at_eval``), at the end, and on a stop request; each carries
+the metric rows logged so far, so a resume rewrites ``metrics.csv`` exactly to its step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,8 +42,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from baselines import Incompatible, build_optimizer, optimizer_needs
+from experiments import stop
+from experiments.checkpoints import CheckpointStore, Loaded
 from experiments.record import RunRecord
-from experiments.rundir import atomic_save_torch
 from experiments.runtime import (
     Dist,
     autocast,
@@ -85,10 +89,13 @@ class Trainer:
         run_dir: Path,
         device: torch.device,
         dist_info: Dist,
+        resume: Loaded | None = None,
     ) -> None:
         self.cfg, self.tc, self.task = cfg, cfg.train, task
         self.record = record  # None on ranks other than 0
         self.run_dir = run_dir
+        self.store = CheckpointStore(run_dir, dist_info.rank)
+        self._resume = resume  # the checkpoint this run continues from (None: step 0)
         self.device, self.dist = device, dist_info
         self.step = 0
         self.epoch = 0
@@ -96,29 +103,23 @@ class Trainer:
         self.samples = 0
         self._opt_time = 0.0
         self._opt_steps = 0
-        self._stop = False
-        self._handlers: dict[int, Any] = {}
+        self._signals: Any = None
+        self._state_fn: Callable[[], dict[str, Any]] | None = None
+        self._last_ckpt = (-1, -1, time.monotonic())  # (step, metric rows, time) of the last one
+        self._evaluated = False
         self.best: float | None = None
         self.max_steps = 0
         self.extra_loggers: list[Any] = []
 
     # --- signals --------------------------------------------------------------------------
     def __enter__(self) -> Trainer:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread: no handler
-                self._handlers[sig] = signal.signal(sig, self._on_signal)
+        self._signals = stop.handle_signals()
+        self._signals.__enter__()
         reset_peak_memory(self.device)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for sig, h in self._handlers.items():
-            signal.signal(sig, h)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        if self._stop:  # second signal: stop now
-            raise KeyboardInterrupt
-        log.warning("signal %d: checkpointing at the end of this step, then stopping", signum)
-        self._stop = True
+        self._signals.__exit__(*exc)
 
     def stop_requested(self) -> bool:
         """True once a stop was asked (signal, or ``train.preempt_at_step`` reached).
@@ -127,22 +128,48 @@ class Trainer:
         Call it once per step (as :meth:`checkpoint_or_stop` does).
         """
         at = self.tc.get("preempt_at_step")
-        stop = self._stop or (
+        stop_now = stop.STOP.is_set() or (
             at is not None and self.step == int(at) and self.step < self.max_steps
         )
         if self.dist.world > 1:
-            flag = torch.tensor([float(stop)], device=self.device)
+            flag = torch.tensor([float(stop_now)], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        return stop
+            stop_now = bool(flag.item())
+        return stop_now
 
-    def checkpoint_or_stop(self, state: Callable[[], dict[str, Any]], every: int) -> None:
-        """At the end of a step: checkpoint every ``every`` steps, and on a stop request
-        checkpoint and raise :class:`Preempted`."""
-        stop = self.stop_requested()
-        if (every and self.step % every == 0) or stop:
+    def checkpoint_due(self) -> bool:
+        """Whether the cadence asks for a checkpoint now (see the module docstring). Under
+        torchrun the wall-time cadence is agreed across ranks (they save the same step)."""
+        if self.step == self._last_ckpt[0]:
+            return False
+        every = int(self.tc.get("ckpt_every") or 0)
+        minutes = float(self.tc.get("ckpt_every_min") or 0)
+        due = bool(every and self.step % every == 0)
+        due |= bool(self.tc.get("ckpt_at_eval", True)) and self._evaluated
+        due |= self.max_steps > 0 and self.step >= self.max_steps
+        late = bool(minutes) and time.monotonic() - self._last_ckpt[2] >= 60 * minutes
+        if self.dist.world > 1 and minutes:
+            flag = torch.tensor([float(late)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = bool(flag.item())
+        return due or late
+
+    def set_checkpoint_state(self, state: Callable[[], dict[str, Any]]) -> None:
+        """Name what a checkpoint saves (done by :meth:`checkpoint_or_stop`; loops that save by
+        themselves call it, so that :meth:`finish` can write the final checkpoint)."""
+        self._state_fn = state
+
+    def checkpoint_or_stop(
+        self, state: Callable[[], dict[str, Any]], every: int | None = None
+    ) -> None:
+        """At the end of a step: checkpoint when due (:meth:`checkpoint_due`), and on a stop
+        request checkpoint and raise :class:`Preempted`. ``every`` is ignored (the cadence is
+        ``train.ckpt_every`` / ``ckpt_every_min`` / ``ckpt_at_eval``)."""
+        self._state_fn = state
+        stop_now = self.stop_requested()
+        if stop_now or self.checkpoint_due():
             self.save_checkpoint(state())
-        if stop:
+        if stop_now:
             bar = getattr(self, "_bar", None)
             if bar is not None:
                 bar.close()
@@ -213,6 +240,7 @@ class Trainer:
         if task.metric not in metrics:
             raise KeyError(f"task {task.tcfg.name} evaluation lacks its metric '{task.metric}'")
         self.log(task.metric_split, metrics)
+        self._evaluated = True
         value = float(metrics[task.metric])
         self.check_metrics(metrics)
         better = self.best is None or (
@@ -256,11 +284,10 @@ class Trainer:
             log.info("step %d/%d  %s", self.step, self.max_steps, text)
 
     # --- checkpoints ----------------------------------------------------------------------
-    def _ckpt_path(self) -> Path:
-        return self.run_dir / "ckpt" / f"rank{self.dist.rank}.pt"
-
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Save ``state`` (models, optimizers, ...), the trainer position and RNG, atomically."""
+        """Save ``state`` (models, optimizers, ...), the trainer position, RNG and the metric rows
+        so far (two checkpoints kept; a second signal waits for the write to finish)."""
+        rec = self.record
         full = {
             "user": state,
             "trainer": {
@@ -271,36 +298,37 @@ class Trainer:
                 "opt_time": self._opt_time,
                 "opt_steps": self._opt_steps,
                 "best": self.best,
-                "wall_time_s": self.record.wall_time() if self.record is not None else None,
-                "summary": dict(self.record.summary) if self.record is not None else None,
+                "wall_time_s": rec.wall_time() if rec is not None else None,
+                "summary": dict(rec.summary) if rec is not None else None,
+                "metric_rows": list(rec.metrics.rows) if rec is not None else None,
             },
             "task": self.task.state_dict(),
             "rng": rng_state(),
         }
-        path = self._ckpt_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_torch(path, full)
-        if self.record is not None:
-            self.write_progress()
+        with stop.critical():
+            self.store.save(full)
+            if rec is not None:
+                self.write_progress()
+        rows = len(rec.metrics.rows) if rec is not None else 0
+        self._last_ckpt = (self.step, rows, time.monotonic())
+        self._evaluated = False
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        """The ``state`` saved last, with the trainer position restored; None on a fresh run."""
-        path = self._ckpt_path()
-        if not path.exists():
+        """The ``state`` of the checkpoint this run continues from, with the trainer position,
+        task state and RNG restored; None on a fresh run. (Which checkpoint, and the metric rows
+        it carries, was decided when the run was opened: :func:`experiments.main.execute`.)"""
+        if self._resume is None:
             return None
-        full = torch.load(path, map_location=self.device, weights_only=False)
+        full = self._resume.state
         t = full["trainer"]
         self.step, self.epoch, self.batch_in_epoch = t["step"], t["epoch"], t["batch_in_epoch"]
         self.samples, self._opt_time, self._opt_steps = t["samples"], t["opt_time"], t["opt_steps"]
         self.best = t["best"]
-        if self.record is not None:
-            self.record.summary.update(t["summary"])
-            self.record.summary["status"] = "running"
-            self.record.restore_wall_time(t["wall_time_s"])
-            self.record.truncate_after(self.step)
         self.task.load_state_dict(full["task"])
         set_rng_state(full["rng"])
-        log.info("resumed from %s at step %d", path, self.step)
+        rows = len(self.record.metrics.rows) if self.record is not None else 0
+        self._last_ckpt = (self.step, rows, time.monotonic())
+        log.info("resumed from %s at step %d", self._resume.path, self.step)
         return full["user"]
 
     def write_progress(self) -> None:
@@ -317,6 +345,9 @@ class Trainer:
 
     def finish(self, optimizers: Iterable[torch.optim.Optimizer], n_params: int) -> None:
         """Write the end-of-run resource figures into the summary."""
+        rows = len(self.record.metrics.rows) if self.record is not None else 0
+        if self._state_fn is not None and (self.step, rows) != self._last_ckpt[:2]:
+            self.save_checkpoint(self._state_fn())  # the final state: a lost record is restored
         if self.record is None:
             return
         self.record.update(
@@ -421,7 +452,6 @@ class Trainer:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         clip = tc.get("grad_clip")
         eval_every, log_every = int(tc.eval_every or 0), max(int(tc.log_every or 1), 1)
-        ckpt_every = int(tc.ckpt_every or 0)
 
         def ckpt_state() -> dict[str, Any]:
             return {
@@ -470,6 +500,6 @@ class Trainer:
                 model.eval()
                 with torch.no_grad(), autocast(self.device, tc.precision):
                     self.record_eval(task.evaluate(model))
-            self.checkpoint_or_stop(ckpt_state, ckpt_every)
+            self.checkpoint_or_stop(ckpt_state)
         bar.close()
         self.finish([opt], n_params)

@@ -43,6 +43,14 @@ def preempt_and_resume(run_cfg, tmp_path: Path) -> Callable[..., tuple[dict, dic
 
 
 @pytest.fixture(autouse=True)
+def _fresh_stop_request() -> None:
+    """A signal a test sent to this process must not stop the runs of later tests."""
+    from experiments import stop
+
+    stop.reset()
+
+
+@pytest.fixture(autouse=True)
 def _quiet_logs() -> None:
     logging.getLogger("pisa-bench").setLevel(logging.WARNING)
 

@@ -319,6 +319,7 @@ class OnPolicyRL(Task):
         if state is None:
             self.next_eval = every if every else -1
         bridge = _Bridge(self, trainer, opt, sched, every)
+        trainer.set_checkpoint_state(lambda: self.state_for_checkpoint(opt, sched))
         remaining = int(self.tcfg.total_timesteps) - int(agent.num_timesteps)
         if remaining > 0:
             agent.learn(
@@ -353,7 +354,6 @@ class _Bridge(BaseCallback):
         self.stopped = False
         self.new_episodes = 0
         self.rollouts = 0
-        self.last_ckpt_step = trainer.step
 
     def _on_step(self) -> bool:
         self.trainer.samples = int(self.model.num_timesteps)
@@ -377,10 +377,8 @@ class _Bridge(BaseCallback):
             self.evaluate()
             while self.task.next_eval <= t:
                 self.task.next_eval += self.every
-        ckpt_every = int(self.trainer.tc.ckpt_every or 0)
-        if ckpt_every and self.trainer.step - self.last_ckpt_step >= ckpt_every:
+        if self.trainer.checkpoint_due():
             self.trainer.save_checkpoint(self.task.state_for_checkpoint(self.opt, self.sched))
-            self.last_ckpt_step = self.trainer.step
 
     def _on_rollout_end(self) -> None:
         self.rollouts += 1
