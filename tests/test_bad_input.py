@@ -81,6 +81,28 @@ def test_every_shipped_config_is_valid() -> None:
             pytest.fail(f"{overrides}: {e}")
 
 
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("optim.lr=abc", "error: optim.lr='abc': a number (default 0.001)"),
+        ("optim.n_workers=0", "error: optim.n_workers=0: invalid for sisa: n_workers must be an"),
+        ("optim.lr=1.5", "error: optim.lr=1.5: invalid for sisa: lr must be in (0, 1/sigma)"),
+    ],
+)
+def test_run_py_prints_one_line_and_exits_2(override: str, line: str, tmp_path: Path) -> None:
+    """The command line: one line on stderr (no traceback), exit code 2, no run directory."""
+    done = subprocess.run(
+        [sys.executable, "run.py", *QUICK, "optim=sisa", override, f"paths.out_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(line), done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 # --- every loader honours or refuses each key -------------------------------------------------
 def _write_idx(path: Path, array: np.ndarray) -> None:
     """An IDX file (magic 2051 for (N, H, W) uint8 images, 2049 for (N,) labels), gzipped."""
