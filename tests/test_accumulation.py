@@ -7,6 +7,7 @@ AdamW, with the loss evaluated k times as often on k-times smaller pieces.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,3 +134,5 @@ def test_accumulation_under_torchrun_equals_whole_pieces(
     got, want = _losses(dist_dir), _losses(ref_dir)
     assert len(got) == len(want) == 4
     assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    summary = json.loads((dist_dir / "summary.json").read_text())
+    assert summary["final_metric"] == pytest.approx(ref["final_metric"], abs=1e-9)
