@@ -121,3 +121,21 @@ def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes held by an optimizer's state (duals, moments, buffers), nested optimizers included."""
     return tensor_bytes(opt.state_dict())
+
+
+def workers_per_round(opt: Any) -> int:
+    """Steps per optimizer round in one process: ``opt.n_workers`` for a consensus (PISA-family)
+    optimizer, else 1 (under torchrun a rank is one worker: the trainer uses 1)."""
+    from pisa import is_consensus
+
+    return int(opt.n_workers) if is_consensus(opt) else 1
+
+
+def round_telemetry(opt: Any, prefix: str = "admm_") -> dict[str, float]:
+    """The consensus telemetry of a round just closed (``{}`` for other optimizers or mid-round),
+    keys prefixed for ``metrics.csv``."""
+    from pisa import is_consensus
+
+    if not is_consensus(opt) or not opt.round_done:
+        return {}
+    return {f"{prefix}{k}": float(v) for k, v in opt.telemetry().items()}

@@ -52,10 +52,13 @@ from experiments.runtime import (
     peak_memory_bytes,
     reset_peak_memory,
     rng_state,
+    round_telemetry,
     set_rng_state,
+    workers_per_round,
 )
 from experiments.schedules import lr_multiplier
 from experiments.tasks.base import Task, to_device
+from pisa import is_consensus
 
 log = logging.getLogger("pisa-bench")
 
@@ -186,6 +189,8 @@ class Trainer:
                 f"'{self.task.tcfg.name}' has its own loop (set train.grad_accum=1)"
             )
         opt = build_optimizer(model, ocfg, distributed=self.dist.world > 1)
+        if self.record is not None and optim_cfg is None:
+            self.record.update(family="consensus" if is_consensus(opt) else "baseline")
         return opt
 
     def make_scheduler(
@@ -438,9 +443,9 @@ class Trainer:
                 f"'{task.tcfg.name}' does not provide"
             )
         create_graph = "create_graph" in needs
-        pisa_family = hasattr(opt, "round_done")
+        pisa_family = is_consensus(opt)
         distributed = self.dist.world > 1
-        m = 1 if distributed else int(getattr(opt, "n_workers", 1))
+        m = 1 if distributed else workers_per_round(opt)
         accum = self.grad_accum()
         self.max_steps = total = self.total_steps()
         sched = self.make_scheduler(opt, total)
@@ -492,8 +497,7 @@ class Trainer:
             bar.update(1)
             if self.step % log_every == 0 or self.step == total:
                 row = {"loss": train_loss, "lr": opt.param_groups[0]["lr"]}
-                if pisa_family and getattr(opt, "round_done", True):
-                    row.update({f"admm_{k}": v for k, v in opt.telemetry().items()})
+                row.update(round_telemetry(opt))
                 self.log("train", row)
                 bar.set_postfix_str(f"loss={train_loss:.4g}")
             if (eval_every and self.step % eval_every == 0) or self.step == total:

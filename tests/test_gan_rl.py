@@ -148,7 +148,8 @@ def test_wgan_gp_resume_reproduces_an_uninterrupted_run(preempt_and_resume) -> N
 
 # --- a stand-in virtual-worker optimizer (the PISA contract, checked) --------------------------
 class VirtualWorkers(torch.optim.Optimizer):
-    """SGD on the mean of m gradients, with the virtual-worker contract of the PISA family:
+    """SGD on the mean of m gradients, with the virtual-worker contract of the PISA family
+    (:class:`pisa.ConsensusOptimizer`):
     the parameters stay at the global weights during a round (checked at every step), the m-th
     ``step()`` writes the new weights and sets ``round_done``."""
 
@@ -180,6 +181,13 @@ class VirtualWorkers(torch.optim.Optimizer):
                 p -= self.param_groups[0]["lr"] * a / self.n_workers
             self.worker, self.rounds = 0, self.rounds + 1
         self.history.append(self.round_done)
+
+    @property
+    def worker_index(self) -> int:  # the rest of pisa.ConsensusOptimizer
+        return self.worker
+
+    def telemetry(self) -> dict[str, float]:
+        return {}
 
 
 @pytest.fixture

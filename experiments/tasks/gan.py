@@ -49,7 +49,7 @@ from experiments.fid import (
     resolve_extractor,
 )
 from experiments.models.gan import DCGAN
-from experiments.runtime import autocast
+from experiments.runtime import autocast, round_telemetry, workers_per_round
 from experiments.tasks.base import Task, to_device
 from experiments.tasks.vision import epoch_generator
 from experiments.trainer import Trainer
@@ -81,7 +81,7 @@ def clip_weights(module: nn.Module, c: float) -> None:
 
 def n_workers(opt: torch.optim.Optimizer) -> int:
     """Sub-batches per round: ``opt.n_workers`` for PISA-family optimizers, else 1."""
-    return int(getattr(opt, "n_workers", 1)) if hasattr(opt, "round_done") else 1
+    return workers_per_round(opt)
 
 
 class WGAN(Task):
@@ -374,8 +374,7 @@ class WGAN(Task):
             if trainer.step % log_every == 0 or trainer.step == total:
                 row["lr"] = opt_d.param_groups[0]["lr"]
                 for name, opt in (("d", opt_d), ("g", opt_g)):
-                    if hasattr(opt, "telemetry") and getattr(opt, "round_done", True):
-                        row.update({f"admm_{name}_{k}": v for k, v in opt.telemetry().items()})
+                    row.update(round_telemetry(opt, f"admm_{name}_"))
                 trainer.log("train", row)
             epoch_end = per_epoch and trainer.batch_in_epoch >= spe
             if (

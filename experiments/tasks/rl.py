@@ -54,8 +54,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from baselines import optimizer_needs
+from experiments.runtime import round_telemetry, workers_per_round
 from experiments.tasks.base import Task
 from experiments.trainer import Preempted, Trainer
+from pisa import is_consensus
 
 try:
     from stable_baselines3 import A2C, PPO
@@ -217,7 +219,7 @@ class OnPolicyRL(Task):
     ) -> None:
         """Route SB3's ``optimizer.step()`` through the trainer: timing, rounds, lr schedule."""
         inner = SimpleNamespace(step=opt.step)
-        pisa = hasattr(opt, "round_done")
+        pisa = is_consensus(opt)
 
         def step(closure: Any = None) -> None:
             trainer.optimizer_step(inner, closure)  # type: ignore[arg-type]
@@ -304,7 +306,7 @@ class OnPolicyRL(Task):
         agent._update_learning_rate = lambda optimizers: None  # the suite's schedule owns the lr
         opt = trainer.make_optimizer(policy)
         agent.policy.optimizer = opt
-        m = int(getattr(opt, "n_workers", 1)) if hasattr(opt, "round_done") else 1
+        m = workers_per_round(opt)
         if self.algo == "a2c" and m > 1:
             self._split_a2c_rollouts(agent, m)
         total = trainer.max_steps = self.total_rounds(m)
@@ -418,6 +420,5 @@ class _Bridge(BaseCallback):
         if not write:
             return
         row["lr"] = float(self.opt.param_groups[0]["lr"])
-        if hasattr(self.opt, "telemetry") and getattr(self.opt, "round_done", True):
-            row.update({f"admm_{k}": float(v) for k, v in self.opt.telemetry().items()})
+        row.update(round_telemetry(self.opt))
         self.trainer.log("train", row)
