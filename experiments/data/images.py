@@ -237,14 +237,9 @@ LOADER_KEYS: dict[str, frozenset[str]] = {
 
 def image_data_keys(cfg: DictConfig) -> frozenset[str]:
     """The ``task.data`` keys that :func:`load_images` reads for ``cfg`` (its dataset and mode)."""
-    name = str(cfg.get("name"))
-    if name not in LOADERS:  # (synthetic data stands in for a named dataset too)
-        from experiments.validate import ConfigError
+    from experiments.validate import loader_keys
 
-        raise ConfigError("task.data.name", name, f"choose one of {', '.join(sorted(LOADERS))}")
-    which = "synthetic" if cfg.get("synthetic") else name
-    keys = frozenset({"name", "synthetic", "shape", "num_classes"}) | LOADER_KEYS[which]
-    return keys | LOADER_KEYS.get(str(cfg.get("name")), frozenset())  # synthetic: stand-in's too
+    return loader_keys(cfg, LOADER_KEYS, ("name", "synthetic", "shape", "num_classes"))
 
 
 LOADERS: dict[str, Callable[[DictConfig, Path], ImageData]] = {

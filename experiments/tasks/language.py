@@ -37,6 +37,7 @@ from experiments.data import text
 from experiments.models.gpt import build_gpt
 from experiments.models.lstm import LSTMLM, detach_hidden
 from experiments.tasks.base import DatasetMissing, Task
+from experiments.validate import check_dataset
 
 log = logging.getLogger("pisa-bench")
 
@@ -71,14 +72,6 @@ def _tokens(tokenizer: object, path: Path) -> np.ndarray:
     return np.asarray(text.encode(tokenizer, path.read_text("utf-8")), np.int64)
 
 
-def _check_dataset(data: DictConfig, names: tuple[str, ...]) -> None:
-    """``ConfigError`` unless ``data.name`` is one of ``names`` (synthetic data stands in too)."""
-    if str(data.get("name")) not in names:
-        from experiments.validate import ConfigError
-
-        raise ConfigError("task.data.name", data.get("name"), f"choose one of {', '.join(names)}")
-
-
 def _require(directory: Path, files: list[str], dataset: str) -> None:
     if any(not (directory / f).exists() for f in files):
         raise DatasetMissing(dataset, directory, files)
@@ -95,7 +88,7 @@ class GPTPretraining(Task):
     @classmethod
     def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
         """Every dataset's keys (the task config holds them all; ``synthetic_*``: smoke scale)."""
-        _check_dataset(data, cls.DATASETS)
+        check_dataset(data, cls.DATASETS)
         return frozenset({
             "name", "synthetic", "seq_len", "shuffle", "val_tokens", "synthetic_vocab",
             "synthetic_tokens", "dir", "train_pattern", "val_pattern", "tokenizer_dir",
@@ -232,7 +225,7 @@ class GPT2Finetune(Task):
 
     @classmethod
     def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
-        _check_dataset(data, ("recipes",))
+        check_dataset(data, ("recipes",))
         return frozenset({
             "name", "synthetic", "dir", "file", "max_length", "split_seed", "train_frac",
             "tokenizer_dir", "compact_vocab", "synthetic_samples", "synthetic_vocab",
@@ -380,7 +373,7 @@ class LSTMLanguageModel(Task):
 
     @classmethod
     def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
-        _check_dataset(data, ("ptb",))
+        check_dataset(data, ("ptb",))
         return frozenset({
             "name", "synthetic", "dir", "train_file", "val_file", "test_file", "note", "bptt",
             "val_fraction", "synthetic_vocab", "synthetic_tokens",
