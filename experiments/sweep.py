@@ -27,6 +27,7 @@ their checkpoints.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -170,15 +171,23 @@ def _as_sweep_value(v: Any) -> str:
 
 def expand(params: dict[str, Any], arguments: Sequence[str]) -> list[list[str]]:
     """The cartesian product of ``params`` (``key: "a,b"``) and ``arguments`` (overrides), in
-    the order and with the semantics of Hydra's basic sweeper (an argument replaces the param
-    of the same key)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    the order and with the semantics of Hydra's basic sweeper: one dimension per key, in the
+    order the keys first appear, a later override of a key replacing the earlier one (so an
+    argument replaces the param of the same key). Only Hydra's public override parser is used."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     texts = [f"{k}={_as_sweep_value(v)}" for k, v in params.items()] + list(arguments)
-    overrides = OverridesParser.create().parse_overrides(texts)
-    (batch,) = BasicSweeper.split_arguments(overrides, None)
-    return [list(p) for p in batch]
+    dims: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides(texts):
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if not o.is_discrete_sweep():
+                raise ValueError(f"{key}: only lists (a,b,c), range() and choice() sweeps are "
+                                 "supported")
+            dims[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            dims[key] = [f"{key}={o.get_value_element_as_str()}"]
+    return [list(p) for p in itertools.product(*dims.values())]
 
 
 def _blocks(meta: dict[str, Any], scale: str) -> list[dict[str, Any]]:
