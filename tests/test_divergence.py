@@ -98,3 +98,17 @@ def test_wgan_generator_loss_is_watched(run_cfg, monkeypatch: pytest.MonkeyPatch
     summary, _ = run_cfg([*WGAN, "optim.lr=1e-3", "train.max_steps=6"])
     assert summary["status"] == "diverged" and summary["diverged_step"] == 3
     assert "loss_g is inf at step 3" in summary["error"]
+
+
+@pytest.mark.parametrize(
+    ("task", "what"),
+    [("fl_adult", "training loss is"), ("ppo_mujoco", "_loss is"), ("a2c_mujoco", "_loss is")],
+)
+def test_federated_and_rl_loops_use_the_same_limit(task: str, what: str, run_cfg) -> None:
+    """The federated round loop and the RL update loop watch their losses with the same
+    ``task.explode_above``: a limit below any loss ends the run ``diverged`` at its first check."""
+    summary, _ = run_cfg(
+        [f"task={task}", "scale=smoke", "train.threads=1", "+task.explode_above=1e-9"]
+    )
+    assert summary["status"] == "diverged", summary.get("error")
+    assert what in summary["error"] and "explode_above=1e-09" in summary["error"]
