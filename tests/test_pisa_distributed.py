@@ -139,12 +139,43 @@ def run_wrapped(mode: str, rank: int) -> dict[str, torch.Tensor] | str:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+class Partial(nn.Module):
+    """``rank0`` is used on rank 0 only, ``unused`` nowhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(3, 4)
+        self.rank0 = nn.Linear(3, 4)
+        self.unused = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, rank: int) -> torch.Tensor:
+        h = self.hidden(x) + (self.rank0(x) if rank == 0 else 0.0)
+        return self.head(torch.tanh(h)).squeeze(-1)
+
+
+def run_partial(rank: int) -> dict[str, torch.Tensor]:
+    """Hybrid NSISA + AdamW with parameters missing gradients on some or all ranks."""
+    torch.manual_seed(0)
+    model = Partial().to(DT)
+    opt = pisa.hybrid_nsisa(model, lr=0.01, sigma=5.0, ns_dtype=DT, weight_decay=1e-2,
+                            l2_lambda=1e-3, companion_kwargs={"lr": 1e-2, "weight_decay": 0.1})
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(ROUNDS):
+        x = torch.randn(6, 3, generator=gen, dtype=DT)
+        opt.zero_grad(set_to_none=True)
+        model(x, rank).pow(2).mean().backward()
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def _wrapped_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
-        out = {mode: run_wrapped(mode, rank) for mode in MODES}
+        out: dict = {mode: run_wrapped(mode, rank) for mode in MODES}
+        out["partial"] = run_partial(rank)
         torch.save(out, os.path.join(out_dir, f"wrapped{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -153,7 +184,9 @@ def _wrapped_worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.distributed
 def test_wrappers_are_caught_or_made_correct(tmp_path: Path) -> None:
     """DDP-averaged gradients and ranks that start apart raise at the first step (one checksum
-    all-reduce); ``prepare`` and ``no_sync`` give the virtual-worker run."""
+    all-reduce); ``prepare`` and ``no_sync`` give the virtual-worker run; a parameter without a
+    gradient on every rank stays put, one with a gradient on some rank moves the same everywhere
+    (main and companion of a Hybrid)."""
     virtual, _ = run("sisa", rank=None)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_wrapped_worker, args=(str(tmp_path / "init"), str(tmp_path)),
@@ -168,3 +201,12 @@ def test_wrappers_are_caught_or_made_correct(tmp_path: Path) -> None:
             for key, value in virtual.items():
                 torch.testing.assert_close(out[mode][key], value, atol=1e-12, rtol=0,
                                            msg=f"{mode} {key}")
+    torch.manual_seed(0)
+    initial = Partial().to(DT).state_dict()
+    partial = [out["partial"] for out in ranks]
+    for key in initial:
+        assert torch.equal(partial[0][key], partial[1][key]), key
+    for key in ("unused.weight", "unused.bias"):
+        assert torch.equal(partial[0][key], initial[key]), key
+    for key in ("rank0.weight", "rank0.bias", "hidden.weight", "head.bias"):
+        assert not torch.equal(partial[0][key], initial[key]), key
