@@ -15,9 +15,42 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_LOCKED = 0, 1, 2, 3, 4
+
+
+class UserError(Exception):
+    """An error the user can fix: entry points print its message (no traceback) and exit with
+    :attr:`exit_code`."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid config value; the message is one line naming the key, value and valid range."""
+
+    def __init__(self, key: str, value: Any, expected: str) -> None:
+        shown = repr(value) if isinstance(value, str) else str(value)
+        super().__init__(f"{key}={shown}: {expected}")
+        self.key = key
+
+
+class DatasetMissing(UserError, FileNotFoundError):
+    """A dataset is not on disk; the message names the files expected and where."""
+
+    def __init__(self, dataset: str, directory: Path, files: Sequence[str], hint: str = "") -> None:
+        listing = "\n".join(f"  - {directory / f}" for f in files)
+        msg = (
+            f"dataset '{dataset}' not found. Expected these files:\n{listing}\n"
+            f"Put them there, or point the data directory elsewhere with "
+            f"`paths.data_dir=/path/to/data` (or the PISA_DATA_DIR environment variable)."
+        )
+        if hint:
+            msg += f"\n{hint}"
+        super().__init__(msg)
 
 
 def exit_code(statuses: Iterable[str]) -> int:
@@ -30,21 +63,6 @@ def exit_code(statuses: Iterable[str]) -> int:
     return EXIT_OK
 
 
-def _code(e: BaseException) -> int | None:
-    from experiments.record import RunExists, RunLockedError
-    from experiments.rundir import UnreadableRecord
-    from experiments.tasks.base import DatasetMissing
-    from experiments.validate import ConfigError
-
-    if isinstance(e, RunLockedError):
-        return EXIT_LOCKED
-    if isinstance(e, (ConfigError, DatasetMissing, RunExists, UnreadableRecord)):
-        return EXIT_BAD_INPUT
-    if isinstance(e, OSError):
-        return EXIT_FAILED
-    return None
-
-
 @contextlib.contextmanager
 def one_line_errors(debug: bool = False) -> Iterator[None]:
     """Turn the errors a user can fix into ``error: <message>`` on stderr and an exit code
@@ -52,7 +70,8 @@ def one_line_errors(debug: bool = False) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        code = _code(e)
+        code = e.exit_code if isinstance(e, UserError) else (
+            EXIT_FAILED if isinstance(e, OSError) else None)
         if code is None or debug:
             raise
         msg = f"{e.strerror or e}: {e.filename}" if isinstance(e, OSError) and e.filename else e

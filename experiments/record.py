@@ -16,8 +16,6 @@ files and the promise):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -29,6 +27,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.checkpoints import CheckpointStore, Loaded
+from experiments.errors import EXIT_LOCKED, UserError
+from experiments.identity import identity_config, identity_hash
 from experiments.rundir import (
     OUTCOMES,
     SUMMARY_FIELDS,
@@ -48,53 +48,24 @@ from experiments.runlock import RunLock, RunLocked
 log = logging.getLogger("pisa-bench")
 
 REPO = Path(__file__).resolve().parent.parent
-# What does not change what a run computes: left out of its identity. The seed is not part of
-# the identity either: runs that differ only by seed are repetitions of one configuration.
-_NOT_IDENTITY = ("seed", "paths", "run", "logger", "hydra", "reproduce")
-_TRAIN_BOOKKEEPING = (
-    "device", "threads", "progress", "preempt_at_step", "ckpt_every", "ckpt_every_min",
-    "ckpt_at_eval",
-)
-
-__all__ = ["RunExists", "RunLocked", "RunRecord", "identity", "identity_hash", "run_dir_for"]
+__all__ = ["RunExists", "RunLocked", "RunRecord", "run_dir_for"]
 
 
-class RunExists(RuntimeError):
+class RunExists(UserError, RuntimeError):
     """The run directory holds a run that must not be overwritten (or is claimed)."""
 
 
 class RunLockedError(RunExists, RunLocked):
     """Another live process holds the run."""
 
-
-def identity(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """The run's identity: its resolved config minus seed, paths and bookkeeping keys."""
-    c = (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig)
-         else json.loads(json.dumps(cfg, default=str)))
-    assert isinstance(c, dict)
-    for k in _NOT_IDENTITY:
-        c.pop(k, None)
-    if isinstance(c.get("train"), dict):
-        for k in _TRAIN_BOOKKEEPING:
-            c["train"].pop(k, None)
-    return c
-
-
-def identity_hash(cfg: DictConfig | dict[str, Any]) -> str:
-    """Short hash of :func:`identity` (the run directory's suffix, ``summary.json``'s
-    ``identity``): equal for runs that differ only by seed."""
-    blob = json.dumps(identity(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
-
-
-config_hash = identity_hash
+    exit_code = EXIT_LOCKED
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
     """``<out_dir>/runs/<name>/<task>/<optim>/<scale>-s<seed>-<hash>`` (or ``run.dir`` if set)."""
     if cfg.run.get("dir"):
         return Path(str(cfg.run.dir))
-    leaf = f"{cfg.scale}-s{cfg.seed}-{identity_hash(cfg)}"
+    leaf = f"{cfg.scale}-s{cfg.seed}-{identity_hash(cfg)[:8]}"
     return (
         Path(str(cfg.paths.out_dir))
         / "runs"
@@ -120,11 +91,11 @@ def check_identity(run_dir: Path, cfg: DictConfig) -> None:
     if not path.exists():
         return
     try:
-        old = identity(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+        old = identity_config(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
     except Exception as e:
         raise RunExists(f"{path} is unreadable ({type(e).__name__}); cannot tell which run "
                         f"{run_dir} holds: move it away or pass another run.dir") from None
-    new = identity(cfg)
+    new = identity_config(cfg)
     if old != new:
         diff = sorted(_differences(old, new), key=lambda d: not d.split(":")[0].endswith("name"))
         shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")

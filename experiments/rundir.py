@@ -42,6 +42,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from experiments.errors import UserError
+
 METRIC_COLUMNS = ("step", "epoch", "samples_or_tokens", "wall_time_s", "split", "metric", "value")
 STATUSES = ("ok", "diverged", "failed", "preempted", "running")
 # A run with one of these statuses has its outcome: it is skipped, never redone. "failed",
@@ -175,7 +177,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         return json.load(f)
 
 
-class UnreadableRecord(ValueError):
+class UnreadableRecord(UserError, ValueError):
     """A record file exists but cannot be parsed; the message names the file."""
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import numbers
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -29,15 +29,8 @@ from torch import nn
 
 from baselines.registry import REGISTRY, Incompatible, available, build_optimizer, spec_of
 from experiments.config import CONF_DIR
+from experiments.errors import ConfigError
 from experiments.schedules import SCHEDULES, lr_multiplier
-
-
-class ConfigError(ValueError):
-    """An invalid config value; the message is one line naming the key, value and valid range."""
-
-    def __init__(self, key: str, value: Any, expected: str) -> None:
-        super().__init__(f"{key}={_show(value)}: {expected}")
-        self.key = key
 
 
 def _show(value: Any) -> str:
@@ -269,20 +262,3 @@ def _accepted_kwargs(name: str) -> set[str] | None:
 
 
 # --- helpers for the loaders' key checks ------------------------------------------------------
-def check_dataset(data: Mapping[str, Any], names: Iterable[str]) -> str:
-    """``data.name`` if it is one of ``names`` (synthetic data stands in for one too), else
-    :class:`ConfigError` listing them."""
-    name, choices = str(data.get("name")), sorted(names)
-    if name not in choices:
-        raise ConfigError("task.data.name", name, f"choose one of {', '.join(choices)}")
-    return name
-
-
-def loader_keys(
-    data: Mapping[str, Any], keys: Mapping[str, frozenset[str]], common: Iterable[str]
-) -> frozenset[str]:
-    """The ``task.data`` keys a loader family reads: ``common``, those of the named dataset
-    (``keys[name]``) and, with ``synthetic: true``, the stand-in's (``keys["synthetic"]``)."""
-    name = check_dataset(data, [k for k in keys if k != "synthetic"])
-    extra = keys["synthetic"] if data.get("synthetic") else frozenset()
-    return frozenset(common) | keys[name] | extra

@@ -23,8 +23,8 @@ from baselines.federated import (
 )
 from experiments.data import tabular
 from experiments.data.partition import label_counts, parse_scheme, partition
+from experiments.errors import DatasetMissing
 from experiments.rundir import read_metrics
-from experiments.tasks.base import DatasetMissing
 from experiments.tasks.federated import ADMMClients, resolve_method, set_sigma_rho
 
 SCHEMES = ["iid", "label1", "label2", "dir0.05", "dir0.5", "dir1000", "qty0.5"]

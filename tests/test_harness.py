@@ -12,10 +12,10 @@ import pytest
 from hydra.errors import MissingConfigException
 
 from experiments.config import compose_config, group_options
+from experiments.errors import DatasetMissing
 from experiments.record import RunExists, RunRecord
 from experiments.rundir import read_metrics
 from experiments.schedules import lr_multiplier
-from experiments.tasks.base import DatasetMissing
 
 QUICK = [
     "task=quickstart_mnist",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from experiments.tasks.base import DatasetMissing
+from experiments.errors import DatasetMissing
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -237,7 +237,7 @@ LOADER_KEYS: dict[str, frozenset[str]] = {
 
 def image_data_keys(cfg: DictConfig) -> frozenset[str]:
     """The ``task.data`` keys that :func:`load_images` reads for ``cfg`` (its dataset and mode)."""
-    from experiments.validate import loader_keys
+    from experiments.data.keys import loader_keys
 
     return loader_keys(cfg, LOADER_KEYS, ("name", "synthetic", "shape", "num_classes"))
 

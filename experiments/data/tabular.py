@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from experiments.data.images import balanced_subset
-from experiments.tasks.base import DatasetMissing
+from experiments.errors import DatasetMissing
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -156,7 +156,7 @@ LOADER_KEYS: dict[str, frozenset[str]] = {
 
 def tabular_data_keys(cfg: DictConfig) -> frozenset[str]:
     """The ``task.data`` keys that :func:`load_tabular` reads for ``cfg`` (dataset and mode)."""
-    from experiments.validate import loader_keys
+    from experiments.data.keys import loader_keys
 
     return loader_keys(cfg, LOADER_KEYS, ("name", "synthetic", "n_features", "num_classes"))
 

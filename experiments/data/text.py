@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.tasks.base import DatasetMissing
+from experiments.errors import DatasetMissing
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1

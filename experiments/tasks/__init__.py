@@ -7,7 +7,8 @@ import importlib
 import torch
 from omegaconf import DictConfig
 
-from experiments.tasks.base import DatasetMissing, Task
+from experiments.errors import DatasetMissing
+from experiments.tasks.base import Task
 
 __all__ = ["DatasetMissing", "Task", "build_task"]
 

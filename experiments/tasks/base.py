@@ -15,7 +15,7 @@ exactly the same batch: ``train_batches(epoch, start)`` starts at batch ``start`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,21 +25,6 @@ from torch import nn
 
 if TYPE_CHECKING:
     from experiments.trainer import Trainer
-
-
-class DatasetMissing(FileNotFoundError):
-    """A dataset is not on disk; the message names the files expected and where."""
-
-    def __init__(self, dataset: str, directory: Path, files: Sequence[str], hint: str = "") -> None:
-        listing = "\n".join(f"  - {directory / f}" for f in files)
-        msg = (
-            f"dataset '{dataset}' not found. Expected these files:\n{listing}\n"
-            f"Put them there, or point the data directory elsewhere with "
-            f"`paths.data_dir=/path/to/data` (or the PISA_DATA_DIR environment variable)."
-        )
-        if hint:
-            msg += f"\n{hint}"
-        super().__init__(msg)
 
 
 class Task(ABC):

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from experiments.errors import DatasetMissing
 from experiments.models import build_model
-from experiments.tasks.base import DatasetMissing
 from experiments.tasks.vision import ImageClassification, epoch_generator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
