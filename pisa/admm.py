@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -97,6 +97,27 @@ def _chunks(lists: list[list[Tensor]], size: int | None) -> Iterator[list[list[T
             filled += b - a
     if filled or any(piece):
         yield piece
+
+
+class _Worker(NamedTuple):
+    """The stepping worker: its state slot ``local``, its weight ``alpha`` (telemetry), the
+    weight ``alpha_t`` of its target update (1 when ``w`` is updated in place) and the round
+    number ``t`` (bias correction)."""
+
+    local: int
+    alpha: float
+    alpha_t: float
+    t: int
+
+
+class _Path(NamedTuple):
+    """How a set of parameters is stepped: its per-worker state keys, whether the direction is
+    elementwise (then it runs chunk by chunk), the direction and the preconditioner."""
+
+    keys: tuple[str, ...]
+    elementwise: bool
+    direction: Callable[..., list[Tensor]]
+    precond: Preconditioner
 
 
 class PISA(Optimizer):
@@ -653,6 +674,7 @@ class PISA(Optimizer):
         else:
             alpha_t = 1.0
 
+        worker = _Worker(local, alpha, alpha_t, t)
         offset = 0
         for group, params, raw, skipped in work:
             if self._distributed:
@@ -669,7 +691,7 @@ class PISA(Optimizer):
                     grads = torch._foreach_neg(grads)
                 n = len(params)
                 aux = None if aux_all is None else aux_all[offset : offset + n]
-                self._group_step(group, params, grads, targets, local, alpha, alpha_t, t, aux)
+                self._group_step(group, params, grads, targets, worker, aux)
                 offset += n
             if skipped and (self._distributed or self._n_local > 1):
                 self._skipped_contribution(group, skipped, target_of, local, alpha)
@@ -775,19 +797,16 @@ class PISA(Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         targets: list[Tensor],
-        local: int,
-        alpha: float,
-        alpha_t: float,
-        t: int,
+        worker: _Worker,
         aux: list[Tensor] | None,
     ) -> None:
         """One worker's step on one group's stepped parameters (NSISA splits matrices and
         vectors here)."""
-        self._run(
-            group, params, grads, targets, local, alpha, alpha_t, t, aux,
+        path = _Path(
             self._worker_state_keys(), self._elementwise_direction, self._search_direction,
             self.preconditioner,
         )
+        self._run(group, params, grads, targets, worker, aux, path)
 
     def _run(
         self,
@@ -795,31 +814,22 @@ class PISA(Optimizer):
         params: list[Tensor],
         grads: list[Tensor],
         targets: list[Tensor],
-        local: int,
-        alpha: float,
-        alpha_t: float,
-        t: int,
+        worker: _Worker,
         aux: list[Tensor] | None,
-        keys: tuple[str, ...],
-        elementwise: bool,
-        direction: Callable[..., list[Tensor]],
-        precond: Preconditioner,
+        path: _Path,
     ) -> None:
         """Build this worker's state lists and run the pipeline (``foreach=False``: one tensor at
         a time)."""
         if group["foreach"] is False and len(params) > 1:
             for j in range(len(params)):
+                one = slice(j, j + 1)
                 self._run(
-                    group, params[j : j + 1], grads[j : j + 1], targets[j : j + 1], local,
-                    alpha, alpha_t, t, None if aux is None else aux[j : j + 1], keys,
-                    elementwise, direction, precond,
+                    group, params[one], grads[one], targets[one], worker,
+                    None if aux is None else aux[one], path,
                 )
             return
-        wstate = {key: [self.state[p][key][local] for p in params] for key in keys}
-        self._local_step(
-            group, params, grads, wstate, targets, alpha, alpha_t, t, aux, elementwise,
-            direction, precond,
-        )
+        wstate = {key: [self.state[p][key][worker.local] for p in params] for key in path.keys}
+        self._local_step(group, params, grads, wstate, targets, worker, aux, path)
 
     def _local_step(
         self,
@@ -828,13 +838,9 @@ class PISA(Optimizer):
         grads: list[Tensor],
         wstate: dict[str, list[Tensor]],
         targets: list[Tensor],
-        alpha: float,
-        alpha_t: float,
-        t: int,
+        worker: _Worker,
         aux: list[Tensor] | None,
-        elementwise: bool,
-        direction: Callable[..., list[Tensor]],
-        precond: Preconditioner,
+        path: _Path,
     ) -> None:
         """One worker's step on one group, in chunks of at most ``chunk_size`` elements.
 
@@ -843,14 +849,15 @@ class PISA(Optimizer):
         the allocator, mostly in cache) instead of being parameter-sized.
         """
         size = self._resolve_chunk_size(params[0].device)
-        if elementwise:
+        t = worker.t
+        if path.elementwise:
             lists = [params, grads, targets, *wstate.values()] + ([aux] if aux is not None else [])
             for piece in _chunks(lists, size):
                 cp, cg, ct, *rest = piece
                 cw = dict(zip(wstate.keys(), rest[: len(wstate)]))
                 caux = rest[len(wstate)] if aux is not None else None
-                s = direction(group, cp, cg, cw, t)
-                self._admm_update(group, cp, s, cw, ct, alpha, alpha_t, t, caux, precond)
+                s = path.direction(group, cp, cg, cw, t)
+                self._admm_update(group, cp, s, cw, ct, worker, caux, path.precond)
         else:
             # direction on batches of whole tensors (NSISA: same-shaped matrices), then the
             # elementwise part in pieces, batch by batch so that temporaries stay bounded
@@ -858,13 +865,13 @@ class PISA(Optimizer):
                 bp, bg, bt = ([lst[j] for j in idx] for lst in (params, grads, targets))
                 bw = {key: [lst[j] for j in idx] for key, lst in wstate.items()}
                 baux = None if aux is None else [aux[j] for j in idx]
-                s = direction(group, bp, bg, bw, t)
+                s = path.direction(group, bp, bg, bw, t)
                 lists = [bp, s, bt, *bw.values()] + ([baux] if baux is not None else [])
                 for piece in _chunks(lists, size):
                     cp, cs, ct, *rest = piece
                     cw = dict(zip(bw.keys(), rest[: len(bw)]))
                     caux = rest[len(bw)] if baux is not None else None
-                    self._admm_update(group, cp, cs, cw, ct, alpha, alpha_t, t, caux, precond)
+                    self._admm_update(group, cp, cs, cw, ct, worker, caux, path.precond)
 
     def _direction_batches(self, params: list[Tensor], size: int | None) -> list[list[int]]:
         """Index batches for a non-elementwise direction (default: all parameters at once)."""
@@ -887,9 +894,7 @@ class PISA(Optimizer):
         s: list[Tensor],
         wstate: dict[str, list[Tensor]],
         targets: list[Tensor],
-        alpha: float,
-        alpha_t: float,
-        t: int,
+        worker: _Worker,
         aux: list[Tensor] | None,
         precond: Preconditioner,
     ) -> None:
@@ -904,8 +909,9 @@ class PISA(Optimizer):
         c = group["sigma"] * group["lr0"]
         inv_sigma = lr / c
         kd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
+        alpha, alpha_t = worker.alpha, worker.alpha_t
 
-        Q, scale, shift = precond.compute(s, wstate, group, t, aux)
+        Q, scale, shift = precond.compute(s, wstate, group, worker.t, aux)
         if Q is None or scale == 0.0:
             k = c + (1.0 - c) * shift
         else:

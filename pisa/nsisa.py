@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .admm import LR, PISA, _lr_value
+from .admm import LR, PISA, _lr_value, _Path, _Worker
 from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz_
 from .preconditioners import EMA, AbsValue, Preconditioner, SecondMoment, _check_beta
 
@@ -239,33 +239,26 @@ class NSISA(PISA):
         params: list[Tensor],
         grads: list[Tensor],
         targets: list[Tensor],
-        local: int,
-        alpha: float,
-        alpha_t: float,
-        t: int,
+        worker: _Worker,
         aux: list[Tensor] | None,
     ) -> None:
         """Matrices: the Newton-Schulz direction; vectors: SISA's elementwise step (default)."""
         if not self._vector_path(group):
-            super()._group_step(group, params, grads, targets, local, alpha, alpha_t, t, aux)
+            super()._group_step(group, params, grads, targets, worker, aux)
             return
-        for matrices in (True, False):
+        paths = {
+            True: _Path(self._worker_state_keys(), False, self._search_direction,
+                        self.preconditioner),
+            False: _Path(("dual", *self._vector_precond.state_keys), True,
+                         super()._search_direction, self._vector_precond),
+        }
+        for matrices, path in paths.items():
             idx = [j for j, p in enumerate(params) if self._is_matrix(p) == matrices]
             if not idx:
                 continue
             sub = [[lst[j] for j in idx] for lst in (params, grads, targets)]
-            sub_aux = None if aux is None else [aux[j] for j in idx]
-            if matrices:
-                self._run(
-                    group, *sub, local, alpha, alpha_t, t, sub_aux, self._worker_state_keys(),
-                    False, self._search_direction, self.preconditioner,
-                )
-            else:
-                self._run(
-                    group, *sub, local, alpha, alpha_t, t, None,
-                    ("dual", *self._vector_precond.state_keys), True,
-                    super()._search_direction, self._vector_precond,
-                )
+            sub_aux = None if aux is None or not matrices else [aux[j] for j in idx]
+            self._run(group, *sub, worker, sub_aux, path)
 
     def _direction_defaults(self) -> dict[str, Any]:
         return dict(self._ns_defaults)
