@@ -1,0 +1,116 @@
+"""The layering of docs/ARCHITECTURE.md, checked on the source: every import of a project module
+(at the top of a file or inside a function) must go to a layer the importing module may use."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PROJECT = ("pisa", "baselines", "experiments")
+
+# module prefix -> project modules it may import (prefixes); the first matching rule applies
+RULES: list[tuple[str, tuple[str, ...]]] = [
+    ("pisa", ("pisa",)),
+    ("baselines", ("baselines", "pisa")),
+    ("experiments.errors", ()),
+    ("experiments.identity", ()),
+    ("experiments.data", ("experiments.data", "experiments.errors")),
+    ("experiments.models", ("experiments.models", "pisa")),
+    *[(f"experiments.{m}", ("experiments.errors", "experiments.identity", "experiments.rundir",
+                            "experiments.checkpoints", "experiments.runlock", "experiments.stop"))
+      for m in ("rundir", "checkpoints", "runlock", "stop", "record")],
+    ("experiments.analysis", ("experiments.analysis", "experiments.errors",
+                              "experiments.identity", "experiments.rundir", "experiments.config",
+                              "experiments.protocol")),
+    # the training side: everything but analysis and the launch layer (sweep, reproduce)
+    ("experiments.", ("pisa", "baselines", "experiments.errors", "experiments.identity",
+                      "experiments.data", "experiments.models", "experiments.rundir",
+                      "experiments.checkpoints", "experiments.runlock", "experiments.stop",
+                      "experiments.record", "experiments.config", "experiments.runtime",
+                      "experiments.schedules", "experiments.loggers", "experiments.fid",
+                      "experiments.validate", "experiments.tasks", "experiments.trainer",
+                      "experiments.main")),
+]
+LAUNCH = ("experiments.sweep", "experiments.reproduce", "experiments.protocol")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def project_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every absolute or relative import of a project module in ``path``."""
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):  # ``from m import x``: m.x (a submodule or not)
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join([*base, node.module] if node.module else base)
+            else:
+                mod = node.module or ""
+            names = [f"{mod}.{a.name}" for a in node.names]
+        else:
+            continue
+        out += [(node.lineno, n) for n in names if n.split(".")[0] in PROJECT]
+    return out
+
+
+def allowed(importer: str, imported: str) -> bool:
+    if importer in LAUNCH:
+        return True  # the launch layer sits on top of everything
+    for prefix, ok in RULES:
+        if importer == prefix or importer.startswith(prefix + ".") or (
+                prefix.endswith(".") and importer.startswith(prefix)):
+            return imported == importer or any(
+                imported == o or imported.startswith(o + ".") for o in ok)
+    return True
+
+
+def sources() -> list[Path]:
+    return sorted(p for pkg in PROJECT for p in (REPO / pkg).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_respect_the_layers(path: Path) -> None:
+    me = module_name(path)
+    bad = [f"line {line}: {me} imports {mod}" for line, mod in project_imports(path)
+           if not allowed(me, mod)]
+    assert not bad, "layering broken (docs/ARCHITECTURE.md):\n" + "\n".join(bad)
+
+
+def test_pisa_needs_torch_only() -> None:
+    """``pisa`` (the optimizer library, its own distribution) imports the standard library,
+    torch and itself, nothing else."""
+    bad = []
+    for path in sorted((REPO / "pisa").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            bad += [f"{path.name}: {n}" for n in names if n.split(".")[0] not in
+                    {*sys.stdlib_module_names, "torch", "pisa", "__future__"}]
+    assert not bad, bad
+
+
+def test_the_checker_catches_a_violation(tmp_path: Path) -> None:
+    """The rules refuse what the architecture forbids (so the test above can fail)."""
+    assert not allowed("experiments.data.images", "experiments.tasks.base")
+    assert not allowed("pisa.admm", "experiments.trainer")
+    assert not allowed("experiments.analysis.tables", "experiments.trainer")
+    assert not allowed("experiments.trainer", "experiments.sweep")
+    assert not allowed("experiments.record", "experiments.tasks")
+    assert allowed("experiments.sweep", "experiments.analysis.collect")
+    assert allowed("experiments.trainer", "experiments.record")
