@@ -124,38 +124,43 @@ class Trainer:
     def __exit__(self, *exc: object) -> None:
         self._signals.__exit__(*exc)
 
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Each flag OR-ed over the torchrun ranks (one tiny all-reduce; as is in one process)."""
+        if self.dist.world == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def _local_stop(self) -> bool:
+        at = self.tc.get("preempt_at_step")
+        return stop.STOP.is_set() or (
+            at is not None and self.step == int(at) and self.step < self.max_steps
+        )
+
+    def _late(self) -> bool:
+        minutes = float(self.tc.get("ckpt_every_min") or 0)
+        return bool(minutes) and time.monotonic() - self._last_ckpt[2] >= 60 * minutes
+
     def stop_requested(self) -> bool:
         """True once a stop was asked (signal, or ``train.preempt_at_step`` reached).
 
         Under torchrun the ranks agree (one tiny all-reduce), so all stop at the same step.
         Call it once per step (as :meth:`checkpoint_or_stop` does).
         """
-        at = self.tc.get("preempt_at_step")
-        stop_now = stop.STOP.is_set() or (
-            at is not None and self.step == int(at) and self.step < self.max_steps
-        )
-        if self.dist.world > 1:
-            flag = torch.tensor([float(stop_now)], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop_now = bool(flag.item())
-        return stop_now
+        return self._agree(self._local_stop())[0]
 
-    def checkpoint_due(self) -> bool:
-        """Whether the cadence asks for a checkpoint now (see the module docstring). Under
-        torchrun the wall-time cadence is agreed across ranks (they save the same step)."""
+    def checkpoint_due(self, late: bool | None = None) -> bool:
+        """Whether the cadence asks for a checkpoint now (see the module docstring). ``late``:
+        the wall-time cadence already agreed across ranks (else agreed here, so that torchrun
+        ranks save the same step)."""
         if self.step == self._last_ckpt[0]:
             return False
         every = int(self.tc.get("ckpt_every") or 0)
-        minutes = float(self.tc.get("ckpt_every_min") or 0)
         due = bool(every and self.step % every == 0)
         due |= bool(self.tc.get("ckpt_at_eval", True)) and self._evaluated
         due |= self.max_steps > 0 and self.step >= self.max_steps
-        late = bool(minutes) and time.monotonic() - self._last_ckpt[2] >= 60 * minutes
-        if self.dist.world > 1 and minutes:
-            flag = torch.tensor([float(late)], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            late = bool(flag.item())
-        return due or late
+        return due or (self._agree(self._late())[0] if late is None else late)
 
     def set_checkpoint_state(self, state: Callable[[], dict[str, Any]]) -> None:
         """Name what a checkpoint saves (done by :meth:`checkpoint_or_stop`; loops that save by
@@ -169,8 +174,8 @@ class Trainer:
         request checkpoint and raise :class:`Preempted`. ``every`` is ignored (the cadence is
         ``train.ckpt_every`` / ``ckpt_every_min`` / ``ckpt_at_eval``)."""
         self._state_fn = state
-        stop_now = self.stop_requested()
-        if stop_now or self.checkpoint_due():
+        stop_now, late = self._agree(self._local_stop(), self._late())  # one all-reduce a step
+        if stop_now or self.checkpoint_due(late):
             self.save_checkpoint(state())
         if stop_now:
             bar = getattr(self, "_bar", None)
