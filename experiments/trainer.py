@@ -162,17 +162,25 @@ class Trainer:
         due |= self.max_steps > 0 and self.step >= self.max_steps
         return due or (self._agree(self._late())[0] if late is None else late)
 
+    def log_due(self) -> bool:
+        """A training row is due: every ``train.log_every`` steps and at the last one."""
+        every = max(int(self.tc.get("log_every") or 1), 1)
+        return self.step % every == 0 or self.step >= self.max_steps
+
+    def eval_due(self) -> bool:
+        """An evaluation is due: every ``train.eval_every`` steps (0: never) and at the last."""
+        every = int(self.tc.get("eval_every") or 0)
+        return bool(every and self.step % every == 0) or self.step >= self.max_steps
+
     def set_checkpoint_state(self, state: Callable[[], dict[str, Any]]) -> None:
         """Name what a checkpoint saves (done by :meth:`checkpoint_or_stop`; loops that save by
         themselves call it, so that :meth:`finish` can write the final checkpoint)."""
         self._state_fn = state
 
-    def checkpoint_or_stop(
-        self, state: Callable[[], dict[str, Any]], every: int | None = None
-    ) -> None:
-        """At the end of a step: checkpoint when due (:meth:`checkpoint_due`), and on a stop
-        request checkpoint and raise :class:`Preempted`. ``every`` is ignored (the cadence is
-        ``train.ckpt_every`` / ``ckpt_every_min`` / ``ckpt_at_eval``)."""
+    def checkpoint_or_stop(self, state: Callable[[], dict[str, Any]]) -> None:
+        """At the end of a step: checkpoint when due (:meth:`checkpoint_due`: ``train.ckpt_every``
+        / ``ckpt_every_min`` / ``ckpt_at_eval``), and on a stop request checkpoint and raise
+        :class:`Preempted`."""
         self._state_fn = state
         stop_now, late = self._agree(self._local_stop(), self._late())  # one all-reduce a step
         if stop_now or self.checkpoint_due(late):
@@ -461,7 +469,6 @@ class Trainer:
             sched.load_state_dict(state["scheduler"])
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         clip = tc.get("grad_clip")
-        eval_every, log_every = int(tc.eval_every or 0), max(int(tc.log_every or 1), 1)
 
         def ckpt_state() -> dict[str, Any]:
             return {
@@ -500,12 +507,12 @@ class Trainer:
                 train_loss = float(t) / self.dist.world
             self.check_finite(train_loss, "training loss")
             bar.update(1)
-            if self.step % log_every == 0 or self.step == total:
+            if self.log_due():
                 row = {"loss": train_loss, "lr": opt.param_groups[0]["lr"]}
                 row.update(round_telemetry(opt))
                 self.log("train", row)
                 bar.set_postfix_str(f"loss={train_loss:.4g}")
-            if (eval_every and self.step % eval_every == 0) or self.step == total:
+            if self.eval_due():
                 model.eval()
                 with torch.no_grad(), autocast(self.device, tc.precision):
                     self.record_eval(task.evaluate(model))

@@ -437,8 +437,6 @@ class Federated(Task):
             algo.load_state_dict(state["method"])
             model.load_state_dict(state["model"])
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        eval_every, log_every = int(tc.eval_every or 0), max(int(tc.log_every or 1), 1)
-        ckpt_every = int(tc.ckpt_every or 0)
         n_train = len(self.train_y)
         per_round = self._round_samples(method)
         bar = trainer.progress(total, initial=trainer.step)
@@ -451,14 +449,13 @@ class Federated(Task):
             trainer.epoch = trainer.samples // n_train
             trainer.check_finite(row["loss"], "training loss")
             bar.update(1)
-            if trainer.step % log_every == 0 or trainer.step == total:
+            if trainer.log_due():
                 lr = algo.opt.param_groups[0]["lr"] if method == "admm" else (
                     algo.last_optimizer.param_groups[0]["lr"] if algo.last_optimizer else math.nan)
                 trainer.log("train", {**row, "lr": lr})
-            if (eval_every and trainer.step % eval_every == 0) or trainer.step == total:
+            if trainer.eval_due():
                 trainer.record_eval(self._evaluate_points(model, algo))
             trainer.checkpoint_or_stop(
-                lambda: {"model": model.state_dict(), "method": algo.state_dict()}, ckpt_every
-            )
+                lambda: {"model": model.state_dict(), "method": algo.state_dict()})
         bar.close()
         trainer.finish(algo.optimizers(), n_params)

@@ -317,7 +317,6 @@ class WGAN(Task):
     def run(self, trainer: Trainer) -> None:
         if trainer.dist.world > 1:
             raise NotImplementedError(f"task {self.tcfg.name} runs in one process (no torchrun)")
-        tc = self.cfg.train
         needs = optimizer_needs(self.cfg.optim)
         if "closure" in needs:
             raise ValueError(
@@ -342,8 +341,6 @@ class WGAN(Task):
             ):
                 obj.load_state_dict(state[key])
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        eval_every, log_every = int(tc.eval_every or 0), max(int(tc.log_every or 1), 1)
-        ckpt_every = int(tc.ckpt_every or 0)
         spe = self.steps_per_epoch()
         per_epoch = bool(self.fcfg.get("per_epoch", True))
 
@@ -371,18 +368,14 @@ class WGAN(Task):
             trainer.samples += len(real)
             trainer.check_metrics(row, ("loss_d", "wasserstein", "gp", "loss_g"))  # both losses
             bar.update(1)
-            if trainer.step % log_every == 0 or trainer.step == total:
+            if trainer.log_due():
                 row["lr"] = opt_d.param_groups[0]["lr"]
                 for name, opt in (("d", opt_d), ("g", opt_g)):
                     row.update(round_telemetry(opt, f"admm_{name}_"))
                 trainer.log("train", row)
             epoch_end = per_epoch and trainer.batch_in_epoch >= spe
-            if (
-                epoch_end
-                or (eval_every and trainer.step % eval_every == 0)
-                or trainer.step == total
-            ):
+            if epoch_end or trainer.eval_due():
                 trainer.record_eval(self.evaluate(model))
-            trainer.checkpoint_or_stop(ckpt_state, ckpt_every)
+            trainer.checkpoint_or_stop(ckpt_state)
         bar.close()
         trainer.finish([opt_d, opt_g], n_params)
