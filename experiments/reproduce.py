@@ -8,10 +8,17 @@ finished runs, then collect the runs and render them into ``results/<artefact>/`
 
 An artefact is an experiment config, ``conf/experiment/<artefact>.yaml`` (see
 :mod:`experiments.sweep` for its keys). Resuming is the same command again: finished runs
-(ok / diverged / failed) are skipped before anything is launched, interrupted ones resume
+(ok / diverged) are skipped before anything is launched, interrupted or failed ones resume
 from their checkpoints. Extra arguments are run.py overrides: ``optim=sisa,adamw`` replaces a
 sweep dimension, ``train.max_steps=50`` applies to every run, ``hydra.launcher.partition=gpu``
 sets the launcher.
+
+An experiment with a ``reproduce.protocol`` block runs under the verdict protocol
+(:mod:`experiments.protocol`, ``results/PROTOCOL.md``): lr trials on seed 0, selection on the
+validation split, edge rule, seeds; its artefact carries a verdict
+(:mod:`experiments.analysis.artefact`). ``--sweep-only`` runs its sweep as written instead.
+
+    python scripts/reproduce.py verdicts                       # results/VERDICTS.md
 """
 
 from __future__ import annotations
@@ -23,17 +30,20 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from experiments.config import CONF_DIR, group_options
+from experiments.protocol import ProtocolSpec, bracket_label, drive, select_key
 from experiments.sweep import (
     LAUNCHERS,
     Plan,
-    archive_failed,
+    Point,
     claim,
     in_flight,
     launch_hydra,
@@ -47,18 +57,6 @@ SCRIPT = REPO / "scripts" / "reproduce.py"
 
 
 # --- rendering --------------------------------------------------------------------------------
-def _select(d: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
-def _label(base: str, values: dict[str, Any]) -> str:
-    return f"{base}[{','.join(f'{k}={v}' for k, v in values.items())}]"
-
-
 def relabel(runs: pd.DataFrame, curves: pd.DataFrame | None, meta: dict[str, Any]) -> None:
     """Give variants of one task / optimizer their own table rows (``reproduce.split_*_by``):
     ``lstm_ptb`` -> ``lstm_ptb[layers=2]``. PISA-family optimizers keep their names (the
@@ -75,8 +73,8 @@ def relabel(runs: pd.DataFrame, curves: pd.DataFrame | None, meta: dict[str, Any
             if col == "optim" and not is_baseline(str(row["optim"])):
                 continue
             cfg = load_config(Path(str(row["run_dir"])))
-            values = {name: _select(cfg, key) for name, key in spec.items()}
-            new[i] = _label(str(row[col]), values)
+            values = {name: select_key(cfg, key) for name, key in spec.items()}
+            new[i] = bracket_label(str(row[col]), values)
         by_dir = {str(runs.at[i, "run_dir"]): v for i, v in new.items()}
         for i, v in new.items():
             runs.at[i, col] = v
@@ -200,8 +198,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show the runs and their state only")
     p.add_argument("--collect-only", action="store_true",
                    help="launch nothing: collect and render the runs that exist")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="move failed runs aside (runs/<name>/.failed/) and run them again")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="run the experiment's sweep as it is written, without its verdict "
+                        "protocol (reproduce.protocol: trials, selection, seeds)")
     p.add_argument("--out-dir", default=None, help="paths.out_dir (run directories)")
     p.add_argument("--results-dir", default=str(DEFAULT_RESULTS),
                    help="where <artefact>/ is rendered (default: results/)")
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in group_options("experiment"):
             print(f"{name:24s} {_title(name)}")
         return 0 if args.list else 2
-    if args.artefact not in group_options("experiment"):
+    if args.artefact not in (*group_options("experiment"), VERDICTS):
         print(f"unknown artefact '{args.artefact}'; choose one of: "
               f"{', '.join(group_options('experiment'))}", file=sys.stderr)
         return 2
@@ -248,11 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         print("--no-wait needs --launcher slurm (or submitit_local)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    if args.artefact == VERDICTS:
+        return write_verdicts(Path(args.results_dir))
+    spec = None if args.sweep_only else protocol_spec(args.artefact, args.scale)
+    if spec is not None:
+        return run_protocol(args, spec, t0)
     p = plan(args.artefact, args.scale, args.seeds, args.out_dir, args.overrides)
-    if args.retry_failed and not args.dry_run:
-        moved = archive_failed(p)
-        if moved:
-            print(f"moved {len(moved)} failed runs aside, under {p.runs_root / '.failed'}/")
     print(p.describe())
     if args.dry_run:
         for pt in p.points:
@@ -280,11 +280,94 @@ def main(argv: list[str] | None = None) -> int:
         err = str(_read_summary(pt.run_dir).get("error") or "").splitlines()
         print(f"failed: {pt.label}: {err[-1] if err else '?'}\n        {pt.run_dir}")
     print(f"{len(p.points) - len(unfinished)}/{len(p.points)} runs finished"
-          + (f", {len(failed)} failed (--retry-failed runs them again)" if failed else "")
+          + (f", {len(failed)} failed (the same command retries them)" if failed else "")
           + (f"; {len(unfinished)} unfinished: run the same command to resume them"
              if unfinished else "")
           + f" ({_duration(time.perf_counter() - t0)})")
     return 1 if unfinished or failed else 0
+
+
+# --- the verdict protocol ---------------------------------------------------------------------
+VERDICTS = "verdicts"  # pseudo-artefact: regenerate results/VERDICTS.md from committed artefacts
+
+
+def protocol_spec(artefact: str, scale: str | None) -> ProtocolSpec | None:
+    """The artefact's ``reproduce.protocol`` (``None``: a plain sweep)."""
+    from experiments.sweep import _composer
+
+    base = [f"experiment={artefact}", *([f"scale={scale}"] if scale else [])]
+    with _composer() as compose:
+        node = compose(base).get("reproduce")
+    meta = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    assert isinstance(meta, dict)
+    return ProtocolSpec.from_meta(meta)
+
+
+def run_protocol(args: argparse.Namespace, spec: ProtocolSpec, t0: float) -> int:
+    """Drive an artefact's protocol (trials, edge rule, seeds), then render it."""
+    from dataclasses import replace
+
+    from experiments.analysis.artefact import render_protocol
+
+    if args.seeds is not None:
+        spec = replace(spec, seeds=args.seeds)
+        spec.validate()
+    p = plan(args.artefact, args.scale, 1, args.out_dir, args.overrides)
+
+    def launch(points: Sequence[Point]) -> None:
+        if args.launcher == "local":
+            with in_flight(p, points, launcher="local"):
+                launch_local(points)
+        else:
+            launch_hydra(p, points, str(LAUNCHERS[args.launcher]))
+
+    if args.no_wait:
+        print("--no-wait is not available for protocol artefacts (stages depend on each other)",
+              file=sys.stderr)
+        return 2
+    run = None if (args.dry_run or args.collect_only) else launch
+    proto = drive(p, spec, run)
+    points = proto.points()
+    if args.dry_run:
+        roles = proto.roles()
+        for pt in points:
+            state = str(pt.status or "not started")
+            what = "; ".join(f"{a.task}/{a.label} {r} s{s} x{m:g}" for a, r, s, m in
+                             roles[pt.run_dir])
+            print(f"  {state:12s} {what}\n               {pt.run_dir}")
+        todo = [pt for pt in points if not pt.finished]
+        print(f"{len(points)} runs known so far, {len(todo)} to run (later stages appear once "
+              f"the trials they depend on have finished)")
+        return 0
+    if not any((pt.run_dir / "summary.json").exists() for pt in points):
+        raise SystemExit(f"nothing to render: none of the runs of {args.artefact} has started")
+    out = Path(args.results_dir) / report_dir_name(p, args.artefact)
+    text = render_protocol(proto, out, args.artefact, command=_command(args))
+    print(text)
+    unfinished = [pt for pt in points if not pt.finished]
+    print(f"{len(points) - len(unfinished)}/{len(points)} runs finished"
+          + (f"; {len(unfinished)} unfinished: run the same command to resume them"
+             if unfinished else "") + f" ({_duration(time.perf_counter() - t0)})")
+    return 1 if unfinished or not proto.trials_done() else 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = ["python scripts/reproduce.py", args.artefact, *map(shlex.quote, args.overrides)]
+    if args.scale:
+        parts.append(f"--scale {args.scale}")
+    if args.seeds is not None:
+        parts.append(f"--seeds {args.seeds}")
+    return " ".join(parts)
+
+
+def write_verdicts(results_dir: Path) -> int:
+    """``results/VERDICTS.md`` from the committed artefacts' ``verdict.json``."""
+    from experiments.analysis.artefact import verdicts_markdown
+
+    path = results_dir / "VERDICTS.md"
+    path.write_text(verdicts_markdown(results_dir))
+    print(f"wrote {path}")
+    return 0
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any]:

@@ -341,3 +341,51 @@ def test_report_skips_profile_with_fewer_than_two_target_tasks(collected, tmp_pa
     assert not (tmp_path / "profile.png").exists()
     assert any("profile skipped: 1 task(s) with a target (cls (smoke))" in n for n in done.notes)
     assert (tmp_path / "table.md").stat().st_size > 0
+
+
+# --- grouping by run identity (issue 9 item 6) -----------------------------------------------
+
+
+def _identity_sweep(root: Path) -> Path:
+    """adamw at two lrs (two identities, two seeds each), one duplicate of (lr 1e-3, seed 0)
+    under another experiment name, and a federated reference."""
+    for i, (lr, seed, final) in enumerate([(1e-3, 0, 0.80), (1e-3, 1, 0.82), (0.3, 0, 0.10),
+                                           (0.3, 1, 0.12), (1e-3, 0, 0.99)]):
+        write_run(root / f"r{i}", "cls", "adamw", seed, final, lr=lr)
+    write_run(root / "ref", "cls", "sgd", 0, 0.95, lr=0.1)
+    cfg = yaml.safe_load((root / "ref" / "config.yaml").read_text())
+    cfg["fl"] = {"method": "central"}
+    atomic_write_text(root / "ref" / "config.yaml", yaml.safe_dump(cfg))
+    write_run(root / "base", "cls", "sgd", 0, 0.50, lr=0.05)
+    return root
+
+
+def test_rows_are_run_identities_labelled_by_what_differs(tmp_path):
+    from experiments.analysis.identity import identity_hash, label_identities
+
+    runs, _ = collect([_identity_sweep(tmp_path)])
+    df = label_identities(runs).set_index(runs["run_dir"].map(lambda d: Path(d).name))
+    assert df.loc["r0", "label"] == "adamw[lr=0.001]" and df.loc["r2", "label"] == "adamw[lr=0.3]"
+    assert df.loc["r0", "identity"] == df.loc["r1", "identity"] != df.loc["r2", "identity"]
+    assert df["duplicate"].to_dict() == {k: k == "r4" for k in df.index}
+    assert bool(df.loc["ref", "reference"]) and not bool(df.loc["base", "reference"])
+    # seed and values that follow it (partition_seed: ${seed}) are not identity; name neither
+    a = {"seed": 1, "name": "x", "task": {"partition_seed": 1, "split_seed": 7}, "optim": {}}
+    b = {"seed": 2, "name": "y", "task": {"partition_seed": 2, "split_seed": 7}, "optim": {}}
+    assert identity_hash(a) == identity_hash(b)
+    assert identity_hash(a) != identity_hash({**b, "task": {"partition_seed": 2,
+                                                            "split_seed": 8}})
+
+
+def test_table_never_pools_identities_and_flags_duplicates(tmp_path):
+    runs, curves = collect([_identity_sweep(tmp_path)])
+    done = render(runs, curves, tmp_path / "out")
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| adamw[lr=0.001] | 0.81 ± 0.014 |" in table  # r4 (0.99) left out as duplicate
+    assert "| adamw[lr=0.3] | 0.11 ± 0.014 |" in table
+    assert any("1 duplicate run(s) left out" in n and "r4" in n for n in done.notes)
+    # the reference (centralised, 0.95) is shown but is not the best baseline: lr 1e-3 adamw is
+    assert "| sgd[fl.method=central,lr=0.1] (reference) |" in table
+    assert table.count("reference |") == 1  # the test column's "reference": the best baseline
+    line = next(ln for ln in table.splitlines() if ln.startswith("| adamw[lr=0.001] |"))
+    assert line.rstrip().endswith("| reference |")

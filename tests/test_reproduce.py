@@ -21,7 +21,7 @@ from experiments.record import run_dir_for
 from experiments.reproduce import main as reproduce
 from experiments.reproduce import relabel, tuning_table
 from experiments.rundir import atomic_write_json, read_json
-from experiments.sweep import archive_failed, claim, expand, job_entry, launch_local, plan
+from experiments.sweep import claim, expand, job_entry, launch_local, plan
 
 SMOKE = ["--scale", "smoke"]
 
@@ -31,25 +31,51 @@ def _summary(run_dir: Path) -> dict:
 
 
 def test_quickstart_smoke_runs_renders_and_then_skips(tmp_path: Path, capsys) -> None:
+    """The quickstart runs its protocol (no tuning, 3 seeds per optimizer), renders the
+    artefact with its verdict, and a second call runs nothing."""
     args = ["quickstart", *SMOKE, "--out-dir", str(tmp_path / "out"),
             "--results-dir", str(tmp_path / "results")]
     assert reproduce(args) == 0
     first = capsys.readouterr().out
-    assert "4 runs in the sweep; 0 already finished, skipped; 4 to run" in first
-    runs = sorted((tmp_path / "out" / "runs" / "quickstart").glob("quickstart_mnist/*/smoke-s0-*"))
-    assert [r.parent.name for r in runs] == ["adamw", "muon", "nsisa", "sisa"]
+    runs = sorted((tmp_path / "out" / "runs" / "quickstart").glob("quickstart_mnist/*/smoke-s*"))
+    assert [r.parent.name for r in runs] == [o for o in ("adamw", "muon", "nsisa", "sisa")
+                                             for _ in range(3)]
+    assert sorted({r.name.split("-")[1] for r in runs}) == ["s0", "s1", "s2"]
     assert all(_summary(r)["status"] == "ok" for r in runs)
     report = tmp_path / "results" / "quickstart_smoke"  # not the experiment's own scale
     table = (report / "table.md").read_text()
-    assert all(f"| {o} |" in table for o in ("adamw", "muon", "nsisa", "sisa"))
-    assert "| sisa |" in first  # the table is printed
+    assert all(f"| {o} | paper settings |" in table for o in ("adamw", "muon", "nsisa", "sisa"))
+    verdict = json.loads((report / "verdict.json").read_text())
+    assert {(r["claim"], r["role"]) for r in verdict["records"]} == {("sisa", "paper"),
+                                                                      ("nsisa", "paper")}
+    assert all(len(r["comparisons"]) == 2 for r in verdict["records"])  # vs adamw, muon
+    assert "quickstart_mnist / sisa (paper settings):" in first  # the verdict is printed
     assert (report / "curves_steps.png").stat().st_size > 0
+    assert "python scripts/reproduce.py quickstart --scale smoke" in (report / "README.md"
+                                                                       ).read_text()
     stamps = [(r / "summary.json").stat().st_mtime_ns for r in runs]
     assert reproduce(args) == 0
     second = capsys.readouterr().out
-    assert "4 already finished, skipped (4 ok); 0 to run" in second
+    assert "12/12 runs finished" in second
     assert "[1/" not in second  # nothing ran
     assert [(r / "summary.json").stat().st_mtime_ns for r in runs] == stamps
+
+
+def test_verdicts_lists_run_and_not_yet_run_claims(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "results"
+    (out / "a").mkdir(parents=True)
+    rec = {"task": "t", "claim": "sisa", "role": "tuned", "verdict": "supported", "n_min": 5,
+           "means": {"sisa": 90.0, "adam": 80.0}, "comparisons": []}
+    (out / "a" / "verdict.json").write_text(json.dumps({
+        "artefact": "table6_lstm", "title": "T", "claim": "SISA wins", "command": "cmd",
+        "scale": "small", "caveats": ["cut to 1 layer"], "records": [rec],
+        "protocol": {"trials": 5, "seeds": 5}}))
+    assert reproduce(["verdicts", "--results-dir", str(out)]) == 0
+    text = (out / "VERDICTS.md").read_text()
+    assert "| [table6_lstm](a/README.md) | SISA wins | t, tuned;" in text
+    assert "sisa 90; adam 80 | **supported** | cut to 1 layer | `cmd` |" in text
+    assert "| fig2_gpt2 |" in text and "not run yet" in text  # a claim with no artefact yet
+    assert "| table6_lstm |" not in text
 
 
 def test_only_incomplete_runs_are_relaunched(tmp_path: Path, run_cfg) -> None:
@@ -69,24 +95,21 @@ def test_only_incomplete_runs_are_relaunched(tmp_path: Path, run_cfg) -> None:
         claim(p, [busy], pid=holder.pid)
         claim(p, [fresh], pid=2**22 + 12345)  # a dead launcher: its claim is dropped
         again = plan("quickstart", "smoke", 6, tmp_path, ["optim=adamw"])
-        assert [pt.cfg.seed for pt in again.done] == [0, 2]
+        assert [pt.cfg.seed for pt in again.done] == [0]  # failed: retried, not an outcome
         assert [pt.cfg.seed for pt in again.busy] == [5]
-        assert [pt.cfg.seed for pt in again.todo] == [1, 3, 4]
-        assert "2 already finished, skipped (1 failed, 1 ok); 3 to run" in again.describe()
+        assert [pt.cfg.seed for pt in again.todo] == [1, 2, 3, 4]
+        assert "1 already finished, skipped (1 ok); 4 to run" in again.describe()
         counts = launch_local(again.todo, echo=lambda s: None)
-        assert counts == {"ok": 3}
+        assert counts == {"ok": 4}
         assert read_json(preempted.run_dir / "meta.json").get("resumes")  # resumed, not redone
-        assert _summary(failed.run_dir) == {"status": "failed"}  # never touched
+        assert _summary(failed.run_dir)["status"] == "ok"  # retried; the failure is kept:
+        assert _summary(failed.run_dir / "attempts" / "1-failed") == {"status": "failed"}
         assert _summary(busy.run_dir) == {"status": "running"}
     finally:
         holder.kill()
         holder.wait()
     final = plan("quickstart", "smoke", 6, tmp_path, ["optim=adamw"])
     assert not final.busy and [pt.cfg.seed for pt in final.todo] == [5]
-    (moved,) = archive_failed(final)  # --retry-failed: the failed run is moved aside, rerun
-    assert read_json(moved / "summary.json") == {"status": "failed"}
-    assert ".failed" in moved.parts and not failed.run_dir.exists()
-    assert [pt.cfg.seed for pt in final.todo] == [2, 5]
 
 
 def test_expand_follows_hydra_sweeper_semantics() -> None:
@@ -104,24 +127,28 @@ def test_plan_overrides_seeds_and_dry_run(tmp_path: Path, capsys) -> None:
     assert p.hydra_overrides == ["hydra.launcher.timeout_min=5"]
     assert all(str(pt.run_dir).startswith(str(tmp_path.resolve())) for pt in p.points)
     assert reproduce(["quickstart", "--scale", "smoke", "--out-dir", str(tmp_path), "--dry-run",
-                      "optim=adamw"]) == 0
+                      "optim=adamw", "--sweep-only"]) == 0
     out = capsys.readouterr().out
     assert "python run.py optim=adamw seed=0 experiment=quickstart scale=smoke" in out
     assert not (tmp_path / "runs").exists()
 
 
 def test_tune_grid_is_equal_budget(tmp_path: Path) -> None:
-    p = plan("tune_quickstart", "smoke", None, tmp_path)
-    mults = p.meta["lr_multipliers"]
-    by_optim: dict[str, list] = {}
-    for pt in p.points:
-        by_optim.setdefault(str(pt.cfg.optim.name), []).append(pt)
+    from experiments.protocol import ProtocolSpec, drive
+
+    p = plan("tune_quickstart", "smoke", 1, tmp_path)
+    spec = ProtocolSpec.from_meta(p.meta)
+    assert spec is not None
+    mults = spec.multipliers()
+    proto = drive(p, spec, None)  # nothing launched: the trials of stage 1
+    by_optim = {a.label: list(a.trials.values()) for a in proto.arms}
     assert sorted(by_optim) == ["adamw", "muon", "nsisa", "sisa"]
     for name, pts in by_optim.items():
         assert len(pts) == len(mults) == 5  # the same number of trials for everyone
         default = compose_config([f"optim={name}"]).optim
         for pt, m in zip(pts, mults):
-            assert pt.tags == {"lr_mult": m}
+            assert pt.tags["lr_mult"] == m and int(pt.cfg.seed) == 0
+            assert pt.cfg.task.data.val_fraction > 0  # selection on a validation split
             assert pt.cfg.optim.lr == pytest.approx(default.lr * m, rel=1e-5)
             if "companion" in default:
                 assert pt.cfg.optim.companion.lr == pytest.approx(default.companion.lr * m,
@@ -130,7 +157,7 @@ def test_tune_grid_is_equal_budget(tmp_path: Path) -> None:
                 assert pt.cfg.optim.sigma == pytest.approx(default.sigma / m, rel=1e-5)
                 assert 1 / pt.cfg.optim.lr - pt.cfg.optim.sigma == pytest.approx(
                     (1 / default.lr - default.sigma) / m, rel=1e-4)
-    assert len({pt.run_dir for pt in p.points}) == 20
+    assert len({pt.run_dir for pt in proto.points()}) == 20
 
 
 def test_tuning_table_picks_best_multiple() -> None:
@@ -230,13 +257,14 @@ def test_no_wait_detaches_claims_and_finishes(tmp_path: Path, capsys) -> None:
     """--no-wait: returns at once; the background launcher holds the runs (a second command
     skips them as in flight), runs them (here with submitit_local) and renders."""
     args = ["quickstart", *SMOKE, "--out-dir", str(tmp_path / "out"), "--results-dir",
-            str(tmp_path / "results"), "--launcher", "submitit_local", "optim=adamw"]
+            str(tmp_path / "results"), "--launcher", "submitit_local", "optim=adamw",
+            "--sweep-only", "--seeds", "1"]
     assert reproduce([*args, "--no-wait"]) == 0
     out = capsys.readouterr().out
     pid = int(out.split("background process ")[1].split()[0])
     log = Path(out.split("log:")[1].split()[0])
     try:
-        again = plan("quickstart", "smoke", None, tmp_path / "out", ["optim=adamw"])
+        again = plan("quickstart", "smoke", 1, tmp_path / "out", ["optim=adamw"])
         if _alive(pid):  # still launching: its run must not be launched a second time
             assert len(again.busy) == 1 and not again.todo
         deadline = time.time() + 240
@@ -248,7 +276,7 @@ def test_no_wait_detaches_claims_and_finishes(tmp_path: Path, capsys) -> None:
             os.killpg(pid, signal.SIGKILL)
     text = log.read_text()
     assert "1/1 runs finished" in text, text
-    (run,) = plan("quickstart", "smoke", None, tmp_path / "out", ["optim=adamw"]).done
+    (run,) = plan("quickstart", "smoke", 1, tmp_path / "out", ["optim=adamw"]).done
     assert run.status == "ok"
     assert (tmp_path / "results" / "quickstart_smoke" / "table.md").exists()
     assert not list((tmp_path / "out" / "runs" / "quickstart" / ".inflight").glob("*.json"))

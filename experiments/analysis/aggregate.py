@@ -29,8 +29,8 @@ TASK_FIELDS = ("metric", "metric_split", "lower_is_better", "target")
 
 
 def is_baseline(optim: str) -> bool:
-    """Baselines are every optimizer outside the PISA family."""
-    return str(optim).lower() not in PISA_FAMILY
+    """Baselines are every optimizer outside the PISA family (``sisa[lr=0.1]`` is SISA)."""
+    return str(optim).split("[", 1)[0].lower() not in PISA_FAMILY
 
 
 def _as_bool(v: Any) -> bool:
@@ -87,6 +87,8 @@ def summarize(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
             n_failed=int((status == "failed").sum()),
         )
         row["n_other"] = row["n"] - row["n_ok"] - row["n_diverged"] - row["n_failed"]
+        row["reference"] = bool(g["reference"].fillna(False).astype(bool).any()) \
+            if "reference" in g else False
         for col, key in (("final_metric", "final"), ("best_metric", "best")):
             ci = mean_ci(ok[col].to_numpy(), level)
             row.update({f"{key}_n": ci.n, f"{key}_mean": ci.mean, f"{key}_std": ci.std,
@@ -113,10 +115,13 @@ def summarize(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
 
 
 def best_baselines(summary: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """Per (task, scale): the baseline with the best mean final metric (``lower_is_better``)."""
+    """Per (task, scale): the baseline with the best mean final metric (``lower_is_better``);
+    references (federated local-only / centralised, column ``reference``) are never picked."""
     out = {}
     for (task, scale), g in summary.groupby(TASK_KEYS):
         g = g[g["optim"].map(is_baseline) & g["final_mean"].notna()]
+        if "reference" in g:
+            g = g[~g["reference"].astype(bool)]
         if g.empty:
             continue
         lower = bool(g["lower_is_better"].iloc[0])

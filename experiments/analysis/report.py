@@ -15,6 +15,7 @@ import pandas as pd
 
 from experiments.analysis.collect import collect, load_collected
 from experiments.analysis.figures import plot_curves, plot_profile
+from experiments.analysis.identity import label_identities
 from experiments.analysis.profiles import tasks_with_target
 from experiments.analysis.tables import render_tables
 
@@ -52,6 +53,9 @@ def render(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = Rendered()
+    runs, curves, note = by_identity(runs, curves)
+    if note:
+        done.notes.append(note)
     md, tex = render_tables(runs, title)
     for name, text in (("table.md", md), ("table.tex", tex)):
         (out / name).write_text(text)
@@ -72,6 +76,31 @@ def render(
     else:
         done.files += plot_profile(runs, out / "profile", title=title)
     return done
+
+
+def by_identity(
+    runs: pd.DataFrame, curves: pd.DataFrame | None
+) -> tuple[pd.DataFrame, pd.DataFrame | None, str | None]:
+    """Runs relabelled by identity (:func:`.identity.label_identities`): ``optim`` becomes the
+    row label, the name stays in ``optim_name``; duplicates (identity and seed seen before) are
+    left out, and the returned note names them."""
+    if runs.empty or "run_dir" not in runs:
+        return runs, curves, None
+    df = label_identities(runs)
+    dup = df[df["duplicate"]]
+    note = None
+    if len(dup):
+        note = (f"{len(dup)} duplicate run(s) left out (same identity and seed as an earlier "
+                "run): " + "; ".join(f"{r['optim']} seed {r['seed']}: {r['run_dir']}"
+                                     for _, r in dup.iterrows()))
+    df = df[~df["duplicate"]].copy()
+    df["optim_name"] = df["optim"]
+    df["optim"] = df["label"]
+    if curves is not None and not curves.empty and "run_dir" in curves:
+        curves = curves[curves["run_dir"].astype(str).isin(set(df["run_dir"].astype(str)))].copy()
+        curves["optim"] = curves["run_dir"].astype(str).map(
+            dict(zip(df["run_dir"].astype(str), df["label"])))
+    return df, curves, note
 
 
 def render_from_runs(

@@ -26,7 +26,10 @@ FOOTNOTE = (
     "unfinished runs are counted (Runs, Div. / fail.) but their metric is treated as missing. "
     "Steps / time to target: median over the k ok runs that reached it (k/n reached). "
     "Opt. step, peak memory, opt. state: means over every run that recorded them. "
-    "vs best baseline (best mean final metric among non-PISA-family optimizers): runs paired by "
+    "Rows: one per run identity (the resolved config minus seed and bookkeeping; differing "
+    "hyperparameters in brackets); duplicates of an identity and seed are left out (see notes). "
+    "vs best baseline (best mean final metric among non-PISA-family optimizers, references "
+    "such as local-only / centralised training excluded): runs paired by "
     f"seed, Δ = optimizer − baseline final metric, paired t-test p (t) and, when n ≥ "
     f"{WILCOXON_MIN_N}, Wilcoxon signed-rank p (W); n = pairs. Bold: best mean in the task."
 )
@@ -118,8 +121,9 @@ def row_cells(row: pd.Series, tests: pd.DataFrame, baseline: str | None, st: Sty
     div_fail = f"{row['n_diverged']} / {row['n_failed']}"
     if row["n_other"]:
         div_fail += f" (+{row['n_other']} unfinished)"
+    name = str(row["optim"]) + (" (reference)" if bool(row.get("reference", False)) else "")
     return [
-        st.text(str(row["optim"])),
+        st.text(name),
         _mean_std(row, "final", st),
         ci,
         _mean_std(row, "best", st),

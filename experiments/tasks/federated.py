@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from baselines.federated import ALGORITHMS, FedAlgorithm, build_algorithm, set_flat_params
 from baselines.registry import PISA_FAMILY, optimizer_needs
 from experiments.data.partition import label_counts, parse_scheme, partition
+from experiments.data.split import carve_validation
 from experiments.models import build_model
 from experiments.schedules import lr_multiplier
 from experiments.tasks.base import Task, to_device
@@ -255,7 +256,13 @@ class Federated(Task):
         self.kind = kind
         if data.note:
             self.notes.append(data.note)
-        self.train_x, self.train_y = data.train_x, data.train_y
+        # task.data.val_fraction: a held-out share of the training data (before partitioning)
+        # on which the global model is also scored (val_accuracy / val_loss), for selection
+        self.train_x, self.train_y, self.val_x, self.val_y = carve_validation(
+            data.train_x, data.train_y, d.get("val_fraction"))
+        if self.val_x is not None:
+            self.notes.append(f"validation split: {len(self.val_y)} training examples held out "
+                              f"before partitioning (val_accuracy / val_loss)")
         self.test_x, self.test_y = data.test_x, data.test_y
         self.num_classes = int(data.num_classes)
         self.m = int(self.tcfg.n_clients)
@@ -299,12 +306,21 @@ class Federated(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """``accuracy`` / ``loss`` on test and, with a validation split, ``val_accuracy`` /
+        ``val_loss`` on it."""
+        out = self._scores(model, self.test_x, self.test_y)
+        if self.val_x is not None:
+            out.update({f"val_{k}": v for k, v in
+                        self._scores(model, self.val_x, self.val_y).items()})
+        return out
+
+    def _scores(self, model: nn.Module, xs: Tensor, ys: Tensor) -> dict[str, float]:
         bs = int(self.cfg.train.eval_batch_size)
-        correct, loss_sum, n = 0, 0.0, len(self.test_x)
+        correct, loss_sum, n = 0, 0.0, len(xs)
         model.eval()
         for i in range(0, n, bs):
-            x = self._inputs(self.test_x[i : i + bs]).to(self.device)
-            y = self.test_y[i : i + bs].to(self.device)
+            x = self._inputs(xs[i : i + bs]).to(self.device)
+            y = ys[i : i + bs].to(self.device)
             logits = model(x).float()
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from experiments.data import text
+from experiments.data.split import tail_split
 from experiments.models.gpt import build_gpt
 from experiments.models.lstm import LSTMLM, detach_hidden
 from experiments.tasks.base import DatasetMissing, Task
@@ -415,6 +416,13 @@ class LSTMLanguageModel(Task):
             train, splits = tensors[0], dict(zip(order[1:], tensors[1:]))
             if d.get("note"):
                 self.notes.append(str(d.note))
+        frac = d.get("val_fraction")  # a validation stream carved from the training tokens
+        if frac:
+            if "val" in splits:
+                raise ValueError("task.data: set either val_file or val_fraction, not both")
+            train, splits["val"] = tail_split(train, float(frac))
+            self.notes.append(f"validation split: the last {len(splits['val'])} training tokens "
+                              f"(val_ppl / val_loss)")
         self.train_data = text.batchify(train, bsz)
         self.eval_sets = {k: text.batchify(v, ebsz) for k, v in splits.items()}
         if self.steps_per_epoch() < 1:

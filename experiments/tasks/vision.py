@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from experiments.data.images import ImageData, image_data_keys, load_images
+from experiments.data.split import carve_validation
 from experiments.models import build_model
 from experiments.tasks.base import Task
 
@@ -71,6 +72,12 @@ class ImageClassification(Task):
         self.data = load_images(self.tcfg.data, self.data_dir)
         if self.data.note:
             self.notes.append(self.data.note)
+        d = self.data  # task.data.val_fraction: held-out share of train (model selection)
+        d.train_x, d.train_y, self.val_x, self.val_y = carve_validation(
+            d.train_x, d.train_y, self.tcfg.data.get("val_fraction"))
+        if self.val_x is not None:
+            self.notes.append(f"validation split: {len(self.val_y)} of the training images "
+                              f"held out (val_accuracy / val_loss)")
         self.mean = torch.tensor(self.data.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(self.data.std).view(1, -1, 1, 1)
 
@@ -115,11 +122,20 @@ class ImageClassification(Task):
         )
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """``accuracy`` / ``loss`` on test and, with a validation split, ``val_accuracy`` /
+        ``val_loss`` on it."""
+        out = self._scores(model, self.data.test_x, self.data.test_y)
+        if self.val_x is not None:
+            val = self._scores(model, self.val_x, self.val_y)
+            out.update({f"val_{k}": v for k, v in val.items()})
+        return out
+
+    def _scores(self, model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, float]:
         bs = int(self.cfg.train.eval_batch_size)
-        correct, loss_sum, n = 0, 0.0, len(self.data.test_x)
+        correct, loss_sum, n = 0, 0.0, len(xs)
         for i in range(0, n, bs):
-            x = self._normalise(self.data.test_x[i : i + bs]).to(self.device)
-            y = self.data.test_y[i : i + bs].to(self.device)
+            x = self._normalise(xs[i : i + bs]).to(self.device)
+            y = ys[i : i + bs].to(self.device)
             logits = model(x).float()
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())

@@ -1,0 +1,321 @@
+"""The verdict protocol (experiments/protocol.py) and the verdict rule (analysis/verdict.py).
+
+Trial expansion (grid, sigma/rho/companion scaling), the edge rule, selection on the
+validation split (never test), the seed stages, and verdicts computed from synthetic seed
+tables with a known answer. The driver runs on run directories written by a stand-in launcher
+(a known validation / test curve per lr), and once end to end on real smoke runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.analysis.verdict import (
+    CONTRADICTED,
+    NOT_DIST,
+    SUPPORTED,
+    compare,
+    detectable_effect,
+    holm,
+    impute_failures,
+    overall,
+)
+from experiments.protocol import ProtocolSpec, drive, lr_overrides, multipliers, selection_value
+from experiments.rundir import METRIC_COLUMNS
+from experiments.sweep import Plan, Point
+
+# --- trial expansion --------------------------------------------------------------------------
+
+
+def test_multipliers_are_log_spaced_and_hit_one() -> None:
+    assert multipliers(5, 0.1, 10.0) == [0.1, 0.3162, 1.0, 3.162, 10.0]
+    m = multipliers(7, 0.01, 100.0)
+    assert m[3] == 1.0 and len(m) == 7
+    ratios = np.diff(np.log10(m))
+    assert np.allclose(ratios, ratios[0], atol=1e-3)
+
+
+def _ovr(items: Sequence[str]) -> dict[str, float]:
+    return {k: float(v) for k, v in (o.split("=") for o in items)}
+
+
+def test_lr_overrides_keep_sigma_times_lr_and_move_the_companion() -> None:
+    sgd = OmegaConf.create({"optim": {"name": "sgdm", "lr": 0.01}})
+    assert _ovr(lr_overrides(sgd, 10.0)) == {"optim.lr": pytest.approx(0.1)}
+    sisa = OmegaConf.create({"optim": {"name": "sisa", "lr": 1e-3, "sigma": 2.0}})
+    o = _ovr(lr_overrides(sisa, 4.0))
+    assert o["optim.lr"] * o["optim.sigma"] == pytest.approx(1e-3 * 2.0)
+    assert o["optim.lr"] == pytest.approx(4e-3)
+    # lr given through sigma and rho (lr = 1/(sigma + rho)): both scale by 1/m
+    fl = OmegaConf.create({"optim": {"name": "sisa", "lr": None, "sigma": 1000.0, "rho": 100.0}})
+    o = _ovr(lr_overrides(fl, 10.0))
+    assert 1 / (o["optim.sigma"] + o["optim.rho"]) == pytest.approx(10 / 1100)
+    assert o["optim.sigma"] / o["optim.rho"] == pytest.approx(10.0)
+    hybrid = OmegaConf.create({"optim": {"name": "nsisa", "lr": 0.005, "sigma": 80.0,
+                                         "companion": {"name": "adamw", "lr": 0.003}}})
+    o = _ovr(lr_overrides(hybrid, 0.1))
+    assert o["optim.companion.lr"] == pytest.approx(3e-4)
+    assert o["optim.lr"] == pytest.approx(5e-4) and o["optim.sigma"] == pytest.approx(800.0)
+    with pytest.raises(ValueError, match=r"no optim\.lr"):
+        lr_overrides(OmegaConf.create({"optim": {"name": "x", "lr": None}}), 2.0)
+
+
+def test_spec_requires_an_equal_budget_of_at_least_five_trials() -> None:
+    assert ProtocolSpec.from_meta({}) is None
+    spec = ProtocolSpec.from_meta({"protocol": {"claim": "sisa", "trials": 5}})
+    assert spec is not None and spec.claims == ("sisa",) and spec.seeds == 5
+    with pytest.raises(ValueError, match=">= 5"):
+        ProtocolSpec.from_meta({"protocol": {"claim": "sisa", "trials": 3}})
+    with pytest.raises(ValueError, match="unknown keys"):
+        ProtocolSpec.from_meta({"protocol": {"claim": "sisa", "trails": 5}})
+    with pytest.raises(ValueError, match="claim"):
+        ProtocolSpec.from_meta({"protocol": {"trials": 5}})
+
+
+# --- the driver on run directories of known curves ----------------------------------------------
+BASE_LR = {"sisa": 1e-3, "adamw": 1e-3}
+
+
+def _fake_compose(out_dir: Path):
+    """A stand-in for Hydra: the config of a point is a base config with the overrides set."""
+
+    def compose(overrides: Sequence[str]) -> DictConfig:
+        cfg = OmegaConf.create({
+            "name": "proto", "scale": "small", "seed": 0, "paths": {"out_dir": str(out_dir)},
+            "run": {"dir": None}, "task": {"name": "toy", "metric": {
+                "name": "accuracy", "split": "test", "lower_is_better": False}},
+            "optim": {"name": "sisa", "lr": 1e-3, "sigma": 1.0}, "train": {}})
+        for o in overrides:
+            key, value = o.split("=", 1)
+            if key == "optim":
+                cfg.optim = {"name": value, "lr": BASE_LR[value],
+                             **({"sigma": 1.0} if value == "sisa" else {})}
+            else:
+                OmegaConf.update(cfg, key, _parse(value))
+        return cfg
+
+    return compose
+
+
+def _parse(v: str) -> Any:
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+
+def _write_run(run_dir: Path, status: str, rows: list[tuple[str, float]]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(METRIC_COLUMNS)
+        for metric, value in rows:
+            w.writerow([10, 1.0, 100, 1.0, "test", metric, value])
+    (run_dir / "summary.json").write_text(json.dumps({"status": status}))
+
+
+def _launcher(val_peak: dict[str, float], test_peak: dict[str, float], launched: list):
+    """Writes each point's run: val accuracy peaks at lr = val_peak[optim] (log-quadratic),
+    test accuracy at test_peak[optim] (elsewhere on purpose); seeds add a small offset."""
+
+    def launch(points: Sequence[Point]) -> None:
+        for p in points:
+            launched.append(p)
+            name, lr, seed = str(p.cfg.optim.name), float(p.cfg.optim.lr), int(p.cfg.seed)
+            val = 90 - (math.log10(lr / val_peak[name])) ** 2
+            test = 90 - (math.log10(lr / test_peak[name])) ** 2 + 0.01 * seed
+            status = "diverged" if lr > 0.05 else "ok"  # very large lrs blow up
+            _write_run(p.run_dir, status, [("val_accuracy", val - 1), ("val_accuracy", val),
+                                           ("accuracy", test)])
+
+    return launch
+
+
+def _plan(tmp_path: Path, compose) -> Plan:
+    points = []
+    for optim in ("sisa", "adamw"):
+        ovr = [f"optim={optim}", "seed=0"]
+        cfg = compose(ovr)
+        points.append(Point(ovr, cfg, tmp_path / "unused" / optim))
+    return Plan(experiment="proto", name="proto", scale="small", out_dir=tmp_path,
+                base_overrides=[], task_overrides=[], hydra_overrides=[], meta={},
+                points=points)
+
+
+def test_selection_uses_validation_edge_rule_extends_and_seeds_follow(tmp_path: Path) -> None:
+    compose = _fake_compose(tmp_path)
+    spec = ProtocolSpec(claims=("sisa",), trials=5, lr_range=(0.1, 10.0), max_extend=2,
+                        seeds=3)
+    launched: list[Point] = []
+    # sisa: val optimum at 3e-3 (inside the grid; test optimum at 1e-4 must not be chosen);
+    # adamw: val optimum at 1e-1 x 1e-3 ... far below the grid: the edge rule extends downwards
+    launch = _launcher({"sisa": 3.162e-3, "adamw": 1e-5}, {"sisa": 1e-4, "adamw": 1e-2},
+                       launched)
+    proto = drive(_plan(tmp_path, compose), spec, launch, echo=lambda s: None, compose=compose)
+    sisa, adamw = proto.arms
+    assert sorted(sisa.trials) == [0.1, 0.3162, 1.0, 3.162, 10.0] and not sisa.extra
+    assert sisa.chosen == 3.162  # validation optimum, not the test optimum (x0.1)
+    assert adamw.extra == [0.03162, 0.01]  # two extra trials on the low side, then stop
+    assert adamw.at_edge == "low" and adamw.chosen == 0.01
+    assert all(int(p.cfg.seed) == 0 for p in [*sisa.trials.values(), *adamw.trials.values()])
+    for arm in proto.arms:
+        assert sorted(arm.tuned) == sorted(arm.paper) == [0, 1, 2]
+        assert all(p.tags["lr_mult"] == arm.chosen for s, p in arm.tuned.items() if s)
+        assert all(float(p.cfg.optim.lr) == pytest.approx(BASE_LR[arm.label])
+                   for p in arm.paper.values())
+        assert arm.tuned[0] is arm.trials[arm.chosen]  # seed 0 of the tuned row is the trial
+    # equal budget: both arms got the same 5 grid trials; the extra ones are reported
+    assert len(launched) == len({p.run_dir for p in launched})
+    # resuming: the same call launches nothing and rebuilds the same choices
+    again: list[Point] = []
+    proto2 = drive(_plan(tmp_path, compose), spec,
+                   _launcher({"sisa": 1.0, "adamw": 1.0}, {"sisa": 1.0, "adamw": 1.0}, again),
+                   echo=lambda s: None, compose=compose)
+    assert again == [] and [a.chosen for a in proto2.arms] == [3.162, 0.01]
+
+
+def test_diverged_trials_rank_last(tmp_path: Path) -> None:
+    compose = _fake_compose(tmp_path)
+    spec = ProtocolSpec(claims=("sisa",), trials=5, max_extend=0, seeds=1)
+    # the val optimum is at the top of the grid (x10 = 1e-2, fine) for sisa; for adamw x10 is
+    # 1e-2 too: make everything above 0.05 diverge and the optimum at 1 (lr 1) -> x10 chosen
+    proto = drive(_plan(tmp_path, compose), spec,
+                  _launcher({"sisa": 1.0, "adamw": 1.0}, {"sisa": 1.0, "adamw": 1.0}, []),
+                  echo=lambda s: None, compose=compose)
+    assert [a.chosen for a in proto.arms] == [10.0, 10.0]
+    assert [a.at_edge for a in proto.arms] == ["high", "high"]  # flagged: a bound
+    big = ProtocolSpec(claims=("sisa",), trials=5, lr_range=(0.1, 100.0), max_extend=0, seeds=1)
+    out = tmp_path / "big"
+    compose2 = _fake_compose(out)
+    proto = drive(_plan(out, compose2), big,
+                  _launcher({"sisa": 1.0, "adamw": 1.0}, {"sisa": 1.0, "adamw": 1.0}, []),
+                  echo=lambda s: None, compose=compose2)
+    # x100 (lr 0.1) diverged: ranks last although its val metric would be the best
+    assert all(a.chosen == 17.78 for a in proto.arms)  # grid 0.1, 0.5623, 3.162, 17.78, 100
+
+
+def test_selection_value_reads_the_last_validation_row(tmp_path: Path) -> None:
+    _write_run(tmp_path / "a", "ok", [("val_accuracy", 1.0), ("accuracy", 99.0),
+                                       ("val_accuracy", 2.0)])
+    assert selection_value(tmp_path / "a", "accuracy") == 2.0
+    _write_run(tmp_path / "b", "diverged", [("val_accuracy", 5.0)])
+    assert selection_value(tmp_path / "b", "accuracy") is None
+    _write_run(tmp_path / "c", "ok", [("accuracy", 5.0)])  # no validation split
+    assert selection_value(tmp_path / "c", "accuracy") is None
+
+
+# --- the verdict rule on synthetic seed tables -------------------------------------------
+def _seeds(values: dict[str, Sequence[float]], lower: bool = False,
+           status: dict[tuple[str, int], str] | None = None) -> pd.DataFrame:
+    rows = []
+    for arm, vals in values.items():
+        for s, v in enumerate(vals):
+            rows.append({"task": "t", "arm": arm, "role": "tuned", "seed": s,
+                         "status": (status or {}).get((arm, s), "ok"), "final_metric": v,
+                         "lower_is_better": lower})
+    return pd.DataFrame(rows)
+
+
+def test_holm_matches_hand_computation() -> None:
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    out = holm([math.nan, 0.02])
+    assert math.isnan(out[0]) and out[1] == pytest.approx(0.02)
+
+
+def test_planted_difference_is_found_and_no_difference_is_not() -> None:
+    rng = np.random.default_rng(0)
+    base = 80 + rng.normal(0, 1.0, size=6)  # seed effects shared by the arms (pairing)
+    noise = lambda: rng.normal(0, 0.1, size=6)  # noqa: E731
+    planted = _seeds({"sisa": base + 1.0 + noise(), "adam": base + noise(),
+                      "sgd": base - 0.5 + noise()})
+    comps = compare(planted, ["sisa"])
+    assert [c.baseline for c in comps] == ["adam", "sgd"]
+    assert all(c.verdict == SUPPORTED for c in comps)
+    assert comps[0].effect == pytest.approx(1.0, abs=0.2)
+    assert comps[0].ci_lo < 1.0 < comps[0].ci_hi
+    assert overall(comps) == SUPPORTED
+    same = _seeds({"sisa": base + noise(), "adam": base + noise()})
+    (c,) = compare(same, ["sisa"])
+    assert c.verdict == NOT_DIST and c.p_holm > 0.05
+    assert 0 < c.mde < 0.5  # small seed noise: small differences would have been seen
+    assert overall([c]) == f"{NOT_DIST} at 6 seeds"
+    worse = _seeds({"sisa": base - 2 + noise(), "adam": base + noise()})
+    (c,) = compare(worse, ["sisa"])
+    assert c.verdict == CONTRADICTED and c.effect < 0
+    assert overall([c]).startswith(CONTRADICTED)
+
+
+def test_lower_is_better_flips_the_sign_and_references_are_never_compared() -> None:
+    rng = np.random.default_rng(1)
+    base = 100 + rng.normal(0, 5, size=5)
+    df = _seeds({"sisa": base - 3 + rng.normal(0, 0.1, 5), "adam": base,
+                 "central": base - 10}, lower=True)
+    comps = compare(df, ["sisa"], references=["central"])
+    assert [c.baseline for c in comps] == ["adam"]
+    assert comps[0].effect == pytest.approx(3.0, abs=0.2) and comps[0].verdict == SUPPORTED
+
+
+def test_failures_count_against_their_optimizer() -> None:
+    vals = {"sisa": [80.0, 80.1, 79.9, 80.05, 80.0], "adam": [80.0, 80.1, 79.9, 80.0, 80.1]}
+    df = _seeds(vals, status={("sisa", 2): "diverged"})
+    filled = impute_failures(df, lower_is_better=False)
+    row = filled[(filled["arm"] == "sisa") & (filled["seed"] == 2)].iloc[0]
+    assert bool(row["failed"]) and row["value"] == 79.9  # the worst ok final metric
+    (c,) = compare(df, ["sisa"])
+    assert c.claim_failures == 1 and c.n == 5  # counted, not dropped
+
+
+def test_detectable_effect_shrinks_with_seeds_and_grows_with_comparisons() -> None:
+    assert detectable_effect(1.0, 10, 1) < detectable_effect(1.0, 5, 1)
+    assert detectable_effect(1.0, 5, 5) > detectable_effect(1.0, 5, 1)
+    assert math.isnan(detectable_effect(1.0, 1, 1))
+
+
+# --- validation splits carved out of the training data -----------------------------------------
+def test_validation_split_is_fixed_disjoint_and_checked() -> None:
+    import torch
+
+    from experiments.data.split import carve_validation, tail_split, validation_indices
+
+    tr, va = validation_indices(100, 0.2)
+    assert len(va) == 20 and len(tr) == 80 and not set(tr.tolist()) & set(va.tolist())
+    assert torch.equal(validation_indices(100, 0.2)[1], va)  # the same for every run and seed
+    x, y = torch.arange(100).float().unsqueeze(1), torch.arange(100)
+    tx, ty, vx, vy = carve_validation(x, y, 0.2)
+    assert torch.equal(tx[:, 0].long(), ty) and torch.equal(vx[:, 0].long(), vy)
+    assert sorted([*ty.tolist(), *vy.tolist()]) == list(
+        range(100))
+    assert carve_validation(x, y, 0.0)[2] is None
+    train, val = tail_split(torch.arange(10), 0.3)
+    assert train.tolist() == list(range(7)) and val is not None and val.tolist() == [7, 8, 9]
+    for bad in (1.0, -0.1, 0.001):
+        with pytest.raises(ValueError, match="val_fraction"):
+            validation_indices(100, bad)
+
+
+@pytest.mark.parametrize("task,metric", [("quickstart_mnist", "accuracy"),
+                                         ("fl_adult", "accuracy"), ("lstm1_ptb", "ppl")])
+def test_tasks_log_the_validation_metric_beside_test(run_cfg, task: str, metric: str) -> None:
+    """A smoke run with task.data.val_fraction logs val_<metric> (what the protocol selects
+    on) in the same evaluations as the test metric; without it, no val_ rows."""
+    summary, run_dir = run_cfg([f"task={task}", "scale=smoke", "task.data.val_fraction=0.25",
+                                "train.threads=1"])
+    assert summary["status"] == "ok"
+    assert selection_value(run_dir, metric) is not None
+    assert any("validation split" in n for n in summary["notes"])
+    plain, plain_dir = run_cfg([f"task={task}", "scale=smoke", "train.threads=1", "seed=1"])
+    assert plain["status"] == "ok" and selection_value(plain_dir, metric) is None
