@@ -95,6 +95,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     if record is None:
         return {"status": status}
     if status != "ok":
+        trainer.write_resources()
         trainer.write_progress()
     notes = list(record.summary.get("notes") or [])
     record.update(notes=notes + [n for n in task.notes if n not in notes])

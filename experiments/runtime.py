@@ -139,3 +139,18 @@ def round_telemetry(opt: Any, prefix: str = "admm_") -> dict[str, float]:
     if not is_consensus(opt) or not opt.round_done:
         return {}
     return {f"{prefix}{k}": float(v) for k, v in opt.telemetry().items()}
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of all data randomness of one epoch (shuffling, augmentation, samples), so
+    that a resumed epoch draws exactly what the uninterrupted one did."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Sum scalars over torchrun ranks in float64 (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

@@ -59,6 +59,7 @@ from experiments.runtime import (
 from experiments.schedules import lr_multiplier
 from experiments.tasks.base import Task, to_device
 from pisa import is_consensus
+from pisa.distributed import all_reduce_sum_
 
 log = logging.getLogger("pisa-bench")
 
@@ -113,6 +114,7 @@ class Trainer:
         self.best: float | None = None
         self.max_steps = 0
         self.extra_loggers: list[Any] = []
+        self._built: list[tuple[nn.Module, torch.optim.Optimizer]] = []  # by make_optimizer
 
     # --- signals --------------------------------------------------------------------------
     def __enter__(self) -> Trainer:
@@ -204,6 +206,7 @@ class Trainer:
         opt = build_optimizer(model, ocfg, distributed=self.dist.world > 1)
         if self.record is not None and optim_cfg is None:
             self.record.update(family="consensus" if is_consensus(opt) else "baseline")
+        self._built.append((model, opt))
         return opt
 
     def make_scheduler(
@@ -361,6 +364,17 @@ class Trainer:
         )
         self.record.write_summary()
 
+    def write_resources(self) -> None:
+        """Parameters and optimizer-state bytes of what :meth:`make_optimizer` built, into the
+        summary (a run that ends early, diverged or stopped, records them too)."""
+        if self.record is None or not self._built or self.record.summary.get("n_params"):
+            return
+        params = {id(p): p for m, _ in self._built for p in m.parameters() if p.requires_grad}
+        self.record.update(
+            optimizer_state_bytes=sum(optimizer_state_bytes(o) for _, o in self._built),
+            n_params=sum(p.numel() for p in params.values()),
+        )
+
     def finish(self, optimizers: Iterable[torch.optim.Optimizer], n_params: int) -> None:
         """Write the end-of-run resource figures into the summary."""
         rows = len(self.record.metrics.rows) if self.record is not None else 0
@@ -402,16 +416,8 @@ class Trainer:
 
     def _sync_grads(self, model: nn.Module) -> None:
         """Average gradients across ranks (what DDP does), for non-PISA optimizers."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.dist.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        all_reduce_sum_([p.grad for p in model.parameters() if p.grad is not None],
+                        scale=1.0 / self.dist.world)
 
     def grad_accum(self) -> int:
         """``train.grad_accum`` (micro-batches per worker gradient), checked."""

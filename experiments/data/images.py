@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from experiments.errors import DatasetMissing
+from experiments.data.keys import require_files
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -46,12 +46,6 @@ def read_idx(path: Path) -> np.ndarray:
     if magic == 2049:
         return np.frombuffer(raw, np.uint8, offset=8).copy()
     raise ValueError(f"{path}: not an IDX file (magic {magic})")
-
-
-def _require(directory: Path, files: list[str], dataset: str) -> None:
-    missing = [f for f in files if not (directory / f).exists()]
-    if missing:
-        raise DatasetMissing(dataset, directory, files)
 
 
 def _idx_pair(directory: Path, images: str, labels: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +84,7 @@ def mnist(cfg: DictConfig, data_dir: Path) -> ImageData:
     ]
     if (d / "train-images-idx3-ubyte.gz").exists():
         files[:2] = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
-    _require(d, files, "mnist")
+    require_files(d, files, "mnist")
     tx, ty = _idx_pair(d, files[0], files[1])
     vx, vy = _idx_pair(d, files[2], files[3])
     note = "" if len(tx) == 60000 else f"MNIST trained on the first {len(tx)} training images"
@@ -107,7 +101,7 @@ def fashion_mnist(cfg: DictConfig, data_dir: Path) -> ImageData:
         "t10k-images-idx3-ubyte.gz",
         "t10k-labels-idx1-ubyte.gz",
     ]
-    _require(d, files, "fashion-mnist")
+    require_files(d, files, "fashion-mnist")
     tx, ty = _idx_pair(d, files[0], files[1])
     vx, vy = _idx_pair(d, files[2], files[3])
     tx, ty, vx, vy, note = _subsets(cfg, tx, ty, vx, vy)
@@ -211,7 +205,7 @@ def cifar10(cfg: DictConfig, data_dir: Path) -> ImageData:
     original pixels. ``n_train`` / ``n_test`` (optional) take class-balanced subsets.
     """
     d = data_dir / "cifar10-jpeg"
-    _require(d, list(CIFAR10_FILES), "cifar10")
+    require_files(d, list(CIFAR10_FILES), "cifar10")
     n_train, n_test = cfg.get("n_train"), cfg.get("n_test")
     tx, ty = decode_jpeg_npz(d / CIFAR10_FILES[0], None if n_train is None else int(n_train))
     vx, vy = decode_jpeg_npz(d / CIFAR10_FILES[1], None if n_test is None else int(n_test))

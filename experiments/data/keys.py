@@ -1,11 +1,20 @@
-"""Which ``task.data`` keys a loader reads: every key is honoured or refused, never ignored."""
+"""Checks of a task's data: every ``task.data`` key is honoured or refused (never ignored), and
+the files a dataset needs are there (or :class:`~experiments.errors.DatasetMissing` names them)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from experiments.errors import ConfigError
+from experiments.errors import ConfigError, DatasetMissing
+
+
+def require_files(directory: Path, files: Sequence[str], dataset: str) -> None:
+    """Raise :class:`DatasetMissing` (listing every expected file) unless all of ``files`` are
+    in ``directory``."""
+    if any(not (directory / f).exists() for f in files):
+        raise DatasetMissing(dataset, directory, files)
 
 
 def check_dataset(data: Mapping[str, Any], names: Iterable[str]) -> str:

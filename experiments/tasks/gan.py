@@ -49,9 +49,8 @@ from experiments.fid import (
     resolve_extractor,
 )
 from experiments.models.gan import DCGAN
-from experiments.runtime import autocast, round_telemetry, workers_per_round
+from experiments.runtime import autocast, epoch_generator, round_telemetry, workers_per_round
 from experiments.tasks.base import Task, to_device
-from experiments.tasks.vision import epoch_generator
 from experiments.trainer import Trainer
 
 

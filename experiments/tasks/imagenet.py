@@ -31,7 +31,8 @@ from torch import nn
 
 from experiments.errors import DatasetMissing
 from experiments.models import build_model
-from experiments.tasks.vision import ImageClassification, epoch_generator
+from experiments.runtime import epoch_generator
+from experiments.tasks.vision import ImageClassification
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
