@@ -5,8 +5,10 @@ from baselines.registry import (
     Incompatible,
     available,
     build_optimizer,
-    optimizer_needs,
+    needs_create_graph,
     spec_of,
 )
 
-__all__ = ["REGISTRY", "Incompatible", "available", "build_optimizer", "optimizer_needs", "spec_of"]
+__all__ = [
+    "REGISTRY", "Incompatible", "available", "build_optimizer", "needs_create_graph", "spec_of",
+]

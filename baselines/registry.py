@@ -16,7 +16,7 @@ Nothing is re-implemented here: torch.optim, the ``pytorch-optimizer`` package a
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +38,6 @@ class Spec:
     target: str  # "module:Class"
     takes: str = "params"  # "params" or "model" (Adam-mini wants the module)
     hybrid: bool = False  # hidden matrices to it, the rest to a companion optimizer
-    needs: frozenset[str] = field(default_factory=frozenset)  # "closure", "create_graph"
     source: str = "torch"
 
     def cls(self) -> type[torch.optim.Optimizer]:
@@ -96,12 +95,10 @@ def _kwargs(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in c.items() if k not in RESERVED}
 
 
-def optimizer_needs(cfg: DictConfig | dict[str, Any]) -> frozenset[str]:
-    """What the training loop must provide for this optimizer (``closure``, ``create_graph``)."""
-    needs = set(spec_of(str(cfg["name"])).needs)
-    if str(cfg["name"]) in PISA_FAMILY and str(cfg.get("preconditioner", "")) == "hutchinson":
-        needs.add("create_graph")
-    return frozenset(needs)
+def needs_create_graph(cfg: DictConfig | dict[str, Any]) -> bool:
+    """Whether ``backward`` must build the graph of the gradient (``create_graph=True``) for this
+    optimizer: PISA's Hutchinson preconditioner differentiates the gradient."""
+    return str(cfg["name"]) in PISA_FAMILY and str(cfg.get("preconditioner", "")) == "hutchinson"
 
 
 def _build_plain(
@@ -113,7 +110,7 @@ def _build_plain(
 
 
 def build_optimizer(
-    model: nn.Module, cfg: DictConfig | dict[str, Any], distributed: bool = False
+    model: nn.Module, cfg: DictConfig | dict[str, Any]
 ) -> torch.optim.Optimizer:
     """Build the optimizer named ``cfg.name`` over ``model``'s trainable parameters.
 
@@ -121,9 +118,8 @@ def build_optimizer(
     hidden matrices; the embeddings, output head and vectors go to ``cfg.companion`` (AdamW by
     default), wrapped in :class:`pisa.Hybrid` (e.g. Shampoo on GPT-2, whose 50k-row embedding
     no Kronecker preconditioner can hold).
-    ``distributed`` is accepted for symmetry: PISA-family optimizers detect torchrun themselves.
+    PISA-family optimizers detect torchrun themselves (one rank is one worker).
     """
-    del distributed
     spec = spec_of(str(cfg["name"]))
     kw = _kwargs(cfg)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from baselines import Incompatible, build_optimizer, optimizer_needs
+from baselines import Incompatible, build_optimizer, needs_create_graph
 from experiments import stop
 from experiments.checkpoints import CheckpointStore, Loaded
 from experiments.record import RunRecord
@@ -203,7 +203,7 @@ class Trainer:
                 f"train.grad_accum applies to the shared supervised loop; task "
                 f"'{self.task.tcfg.name}' has its own loop (set train.grad_accum=1)"
             )
-        opt = build_optimizer(model, ocfg, distributed=self.dist.world > 1)
+        opt = build_optimizer(model, ocfg)
         if self.record is not None and optim_cfg is None:
             self.record.update(family="consensus" if is_consensus(opt) else "baseline")
         self._built.append((model, opt))
@@ -455,13 +455,7 @@ class Trainer:
         self._supervised = True
         model = task.build_model().to(self.device)
         opt = self.make_optimizer(model)
-        needs = optimizer_needs(self.cfg.optim)
-        if "closure" in needs:
-            raise Incompatible(
-                f"optimizer '{self.cfg.optim.name}' needs a closure, which task "
-                f"'{task.tcfg.name}' does not provide"
-            )
-        create_graph = "create_graph" in needs
+        create_graph = needs_create_graph(self.cfg.optim)
         pisa_family = is_consensus(opt)
         distributed = self.dist.world > 1
         m = 1 if distributed else workers_per_round(opt)

@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 
 from baselines.federated import ALGORITHMS, FedAlgorithm, build_algorithm, set_flat_params
-from baselines.registry import PISA_FAMILY, optimizer_needs
+from baselines.registry import PISA_FAMILY, needs_create_graph
 from experiments.data.partition import label_counts, parse_scheme, partition
 from experiments.data.split import carve_validation
 from experiments.models import build_model
@@ -232,7 +232,7 @@ class Federated(Task):
 
         keys = {"tabular": tabular_data_keys, "images": image_data_keys}.get(str(data.get("kind")))
         if keys is None:
-            from experiments.validate import ConfigError
+            from experiments.errors import ConfigError
 
             raise ConfigError("task.data.kind", data.get("kind"), "choose one of images, tabular")
         return keys(data) | {"kind", "val_fraction"}
@@ -378,11 +378,7 @@ class Federated(Task):
     def _build_method(self, trainer: Trainer, model: nn.Module, method: str) -> Any:
         fl = self.cfg.fl
         alphas = [n / sum(self.sizes) for n in self.sizes]
-        needs = optimizer_needs(self.cfg.optim)
-        if "closure" in needs:
-            raise ValueError(f"optimizer '{self.cfg.optim.name}' needs a closure, which the "
-                             f"federated loop does not provide")
-        create_graph = "create_graph" in needs
+        create_graph = needs_create_graph(self.cfg.optim)
         if method == "admm":
             ocfg = OmegaConf.create(OmegaConf.to_container(self.cfg.optim, resolve=True))
             with open_dict(ocfg):

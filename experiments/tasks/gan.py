@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from baselines import optimizer_needs
+from baselines import needs_create_graph
 from experiments.data.images import ImageData, image_data_keys, load_images
 from experiments.fid import (
     ClassifierExtractor,
@@ -316,13 +316,7 @@ class WGAN(Task):
     def run(self, trainer: Trainer) -> None:
         if trainer.dist.world > 1:
             raise NotImplementedError(f"task {self.tcfg.name} runs in one process (no torchrun)")
-        needs = optimizer_needs(self.cfg.optim)
-        if "closure" in needs:
-            raise ValueError(
-                f"optimizer '{self.cfg.optim.name}' needs a closure, which task "
-                f"'{self.tcfg.name}' does not provide"
-            )
-        create_graph = "create_graph" in needs
+        create_graph = needs_create_graph(self.cfg.optim)
         model = self.build_model().to(self.device)
         opt_d = trainer.make_optimizer(model.critic)
         opt_g = trainer.make_optimizer(model.generator)

@@ -53,7 +53,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from baselines import optimizer_needs
+from baselines import needs_create_graph
 from experiments.runtime import round_telemetry, workers_per_round
 from experiments.tasks.base import Task
 from experiments.trainer import Preempted, Trainer
@@ -282,10 +282,9 @@ class OnPolicyRL(Task):
     def run(self, trainer: Trainer) -> None:
         if trainer.dist.world > 1:
             raise NotImplementedError(f"task {self.tcfg.name} runs in one process (no torchrun)")
-        needs = optimizer_needs(self.cfg.optim)
-        if needs:
+        if needs_create_graph(self.cfg.optim):
             raise ValueError(
-                f"optimizer '{self.cfg.optim.name}' needs {', '.join(sorted(needs))}, which "
+                f"optimizer '{self.cfg.optim.name}' needs backward(create_graph=True), which "
                 f"Stable-Baselines3's {self.algo.upper()} does not provide"
             )
         policy = self.build_model()
