@@ -28,24 +28,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from experiments.data import text
+from experiments.data.keys import check_dataset, require_files
 from experiments.data.split import tail_split
+from experiments.errors import DatasetMissing
 from experiments.models.gpt import build_gpt
 from experiments.models.lstm import LSTMLM, detach_hidden
-from experiments.tasks.base import DatasetMissing, Task
-from experiments.validate import check_dataset
+from experiments.runtime import epoch_generator, sum_across_ranks
+from experiments.tasks.base import Task
+from pisa import distributed as pdist
 
 log = logging.getLogger("pisa-bench")
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator of all data randomness of one epoch (as vision.py)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 def perplexity(loss: float) -> float:
@@ -54,28 +51,8 @@ def perplexity(loss: float) -> float:
     return math.inf if loss >= math.log(sys.float_info.max) else math.exp(loss)  # nan stays nan
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Sum scalars over torchrun ranks (identity in a single process)."""
-    if _world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def _tokens(tokenizer: object, path: Path) -> np.ndarray:
     return np.asarray(text.encode(tokenizer, path.read_text("utf-8")), np.int64)
-
-
-def _require(directory: Path, files: list[str], dataset: str) -> None:
-    if any(not (directory / f).exists() for f in files):
-        raise DatasetMissing(dataset, directory, files)
 
 
 # ============================================================================================
@@ -138,7 +115,7 @@ class GPTPretraining(Task):
         tokenizer = text.load_gpt2_tokenizer(tok_dir)
         if d.name == "tinyshakespeare":
             folder = self.data_dir / "tinyshakespeare"
-            _require(folder, ["input.txt"], "tinyshakespeare")
+            require_files(folder, ["input.txt"], "tinyshakespeare")
             ids = _tokens(tokenizer, folder / "input.txt")
             n = int(float(d.train_frac) * len(ids))
             train, val = ids[:n], ids[n:]
@@ -147,7 +124,7 @@ class GPTPretraining(Task):
                 "validation (nanoGPT's split; no official split exists)")
         else:
             folder = self.data_dir / "wikitext-2"
-            _require(folder, ["valid.txt", "test.txt"], "wikitext-2")
+            require_files(folder, ["valid.txt", "test.txt"], "wikitext-2")
             train = _tokens(tokenizer, folder / "valid.txt")
             val = _tokens(tokenizer, folder / "test.txt")
             self.notes.append("WikiText-2 train split unavailable: trained on valid.txt, validated "
@@ -195,7 +172,7 @@ class GPTPretraining(Task):
         n = len(self.val_windows)
         if cap is not None:
             n = min(n, max(int(cap) // T, 1))
-        rank, world = _world()
+        rank, world = pdist.rank(), pdist.world_size()
         mine = list(range(rank, n, world))
         bs = int(self.cfg.train.eval_batch_size)
         total, count = 0.0, 0.0
@@ -205,7 +182,7 @@ class GPTPretraining(Task):
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                            b[:, 1:].reshape(-1), reduction="sum"))
             count += b[:, 1:].numel()
-        total, count = _sum_across_ranks([total, count], self.device)
+        total, count = sum_across_ranks([total, count], self.device)
         loss = total / max(count, 1.0)
         return {"loss": loss, "ppl": perplexity(loss)}
 
@@ -284,7 +261,7 @@ class GPT2Finetune(Task):
     def _recipes(self, L: int) -> torch.Tensor:
         d = self.tcfg.data
         folder = self.data_dir / str(d.dir)
-        _require(folder, [str(d.file)], "recipes")
+        require_files(folder, [str(d.file)], "recipes")
         candidates = [self.data_dir / str(d.tokenizer_dir)]
         if self.pretrained is not None:
             candidates.append(self.pretrained)
@@ -343,13 +320,13 @@ class GPT2Finetune(Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         bs = int(self.cfg.train.eval_batch_size)
-        rank, world = _world()
+        rank, world = pdist.rank(), pdist.world_size()
         ids = self.val_ids[rank::world]
         total, count = 0.0, 0.0
         for i in range(0, len(ids), bs):
             s, n = self._loss_sum(model, ids[i : i + bs].to(self.device))
             total, count = total + float(s), count + n
-        total, count = _sum_across_ranks([total, count], self.device)
+        total, count = sum_across_ranks([total, count], self.device)
         loss = total / max(count, 1.0)
         return {"loss": loss, "ppl": perplexity(loss)}
 
@@ -385,7 +362,7 @@ class LSTMLanguageModel(Task):
         self.hidden: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def setup(self) -> None:
-        world = _world()[1]
+        world = pdist.world_size()
         if world > 1:
             raise ValueError(
                 f"task {self.tcfg.name} runs in one process (got {world} torchrun processes): its "
@@ -409,7 +386,7 @@ class LSTMLanguageModel(Task):
             folder = self.data_dir / str(d.dir)
             names = {"train": d.train_file, "val": d.get("val_file"), "test": d.test_file}
             files = {k: str(v) for k, v in names.items() if v}
-            _require(folder, list(files.values()), "ptb")
+            require_files(folder, list(files.values()), "ptb")
             order = [k for k in ("train", "val", "test") if k in files]
             vocab, tensors = text.build_word_corpus(*(folder / files[k] for k in order))
             self.vocab_size = len(vocab)

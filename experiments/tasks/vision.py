@@ -17,12 +17,8 @@ from torch import nn
 from experiments.data.images import ImageData, image_data_keys, load_images
 from experiments.data.split import carve_validation
 from experiments.models import build_model
+from experiments.runtime import epoch_generator
 from experiments.tasks.base import Task
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator of all data randomness of one epoch."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 def augment_draws(
