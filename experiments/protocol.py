@@ -65,6 +65,7 @@ class ProtocolSpec:
     max_extend: int = 3
     seeds: int = 5
     references: tuple[str, ...] = ()
+    adopt_ignore: tuple[str, ...] = ()  # config keys a recorded run may differ in (see adopt)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ProtocolSpec | None:
@@ -73,7 +74,7 @@ class ProtocolSpec:
         if not block:
             return None
         unknown = set(block) - {"claim", "trials", "lr_range", "max_extend", "seeds",
-                                "references"}
+                                "references", "adopt_ignore"}
         if unknown:
             raise ValueError(f"reproduce.protocol: unknown keys {sorted(unknown)}")
         if "claim" not in block:
@@ -84,7 +85,8 @@ class ProtocolSpec:
         spec = cls(claims=claims, trials=int(block.get("trials", 5)),
                    lr_range=(lo, hi), max_extend=int(block.get("max_extend", 3)),
                    seeds=int(block.get("seeds", 5)),
-                   references=tuple(str(r) for r in block.get("references", ()) or ()))
+                   references=tuple(str(r) for r in block.get("references", ()) or ()),
+                   adopt_ignore=tuple(str(k) for k in block.get("adopt_ignore", ()) or ()))
         spec.validate()
         return spec
 
@@ -202,22 +204,29 @@ class Arm:
         return self.task, self.label
 
 
-def adopt(run_dir: Path, cfg: DictConfig) -> Path:
+def adopt(run_dir: Path, cfg: DictConfig, ignore: Sequence[str] = ()) -> Path:
     """``run_dir``, or a finished sibling run of the same identity and seed when ``run_dir`` was
     never started: a run directory's name hashes the config with the harness' rule of the day,
     so a change of that rule must not make finished runs invisible (and rerun them). Identity:
-    :func:`experiments.analysis.identity.identity_hash` of the resolved config."""
+    :func:`experiments.identity.identity_config` of the resolved config, flattened, minus the
+    keys in ``ignore`` (``reproduce.protocol.adopt_ignore``: keys whose recorded value is known
+    to compute the same, each justified in the experiment config and listed in the README)."""
     from experiments.analysis.collect import load_config
-    from experiments.analysis.identity import identity_hash
+    from experiments.analysis.identity import flat
+    from experiments.identity import identity_config
 
     if run_dir.exists() or not run_dir.parent.is_dir():
         return run_dir
-    want = identity_hash(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+
+    def key(c: dict[str, Any]) -> dict[str, Any]:
+        f = flat(identity_config(c))
+        return {k: v for k, v in f.items() if k not in ignore}
+
+    want = key(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     prefix = f"{cfg.scale}-s{cfg.seed}-"
     for d in sorted(run_dir.parent.glob(prefix + "*")):
         c = load_config(d)
-        if c and c.get("seed") == cfg.seed and _status(d) in FINISHED \
-                and identity_hash(c) == want:
+        if c and c.get("seed") == cfg.seed and _status(d) in FINISHED and key(c) == want:
             return d
     return run_dir
 
@@ -251,7 +260,7 @@ class Protocol:
             ovr += lr_overrides(arm.cfg, m)
         assert self._compose is not None
         cfg = self._compose(ovr)
-        rd = adopt(run_dir_for(cfg), cfg)
+        rd = adopt(run_dir_for(cfg), cfg, self.spec.adopt_ignore)
         return Point(ovr, cfg, rd, _status(rd), {"lr_mult": m, **tags})
 
     def points(self) -> list[Point]:

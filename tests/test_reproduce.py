@@ -73,7 +73,7 @@ def test_verdicts_lists_run_and_not_yet_run_claims(tmp_path: Path, capsys) -> No
     assert reproduce(["verdicts", "--results-dir", str(out)]) == 0
     text = (out / "VERDICTS.md").read_text()
     assert "| [table6_lstm](a/README.md) | SISA wins | t, tuned;" in text
-    assert "sisa 90; adam 80 | **supported** | cut to 1 layer | `cmd` |" in text
+    assert "sisa 90; best baseline adam 80 | **supported** | cut to 1 layer | `cmd` |" in text
     assert "| fig2_gpt2 |" in text and "not run yet" in text  # a claim with no artefact yet
     assert "| table6_lstm |" not in text
 

@@ -232,6 +232,7 @@ def verdict_records(rows: pd.DataFrame, proto: Protocol) -> list[dict[str, Any]]
             means = {a: float(pd.to_numeric(x[x["status"] == "ok"]["final_metric"]).mean())
                      for a, x in sub.groupby("arm")}
             out.append({"task": task, "claim": claim, "role": role,
+                        "lower_is_better": bool(sub["lower_is_better"].iloc[0]),
                         "verdict": overall(mine), "n_min": int(g["n"].min()),
                         "means": means, "comparisons": [c.as_dict() for c in mine]})
     return out
@@ -346,7 +347,8 @@ def render_protocol(proto: Protocol, out_dir: str | os.PathLike, artefact: str,
         "protocol": {"trials": proto.spec.trials, "lr_range": list(proto.spec.lr_range),
                      "max_extend": proto.spec.max_extend, "seeds": proto.spec.seeds,
                      "claims": list(proto.spec.claims),
-                     "references": list(proto.spec.references)},
+                     "references": list(proto.spec.references),
+                     "adopt_ignore": list(proto.spec.adopt_ignore)},
         "hardware": sorted({str(d) for d in rows.get("meta.device", pd.Series()).dropna()}),
         "edge": {f"{a.task}/{a.label}": a.at_edge for a in proto.arms if a.at_edge},
         "extra_trials": {f"{a.task}/{a.label}": a.extra for a in proto.arms if a.extra},
@@ -386,7 +388,7 @@ def readme(info: dict[str, Any], rows: pd.DataFrame, out: Path) -> str:
              "## Verdict", ""]
     for r in info["records"]:
         lines.append(f"- {r['task']}, {r['claim']} vs baselines ({ROLE_NAMES[r['role']]}): "
-                     f"**{r['verdict']}**")
+                     f"**{r['verdict']}** ({numbers(r, sp)})")
     lines += ["", "Details: `verdict.md`; numbers: `table.md`"
               + (", `tuning.md`, `sensitivity.png`" if sp["trials"] else "")
               + "; every run: `runs.csv`.", "", "## Caveats", ""]
@@ -396,6 +398,10 @@ def readme(info: dict[str, Any], rows: pd.DataFrame, out: Path) -> str:
                    f"trials; its tuned value is a bound.")
     for k, ms in info["extra_trials"].items():
         cav.append(f"{k}: extra trials by the edge rule at " + ", ".join(f"×{m:g}" for m in ms))
+    if sp.get("adopt_ignore"):
+        cav.append("recorded runs were matched to the config ignoring "
+                   + ", ".join(f"`{k}`" for k in sp["adopt_ignore"])
+                   + " (reproduce.protocol.adopt_ignore; the reason is in the experiment config)")
     unfinished = {k: v for k, v in info["runs"].items() if k not in ("ok", "diverged", "failed")}
     if unfinished:
         cav.append(f"unfinished runs: {unfinished} (rerun the command to complete them)")
@@ -404,6 +410,19 @@ def readme(info: dict[str, Any], rows: pd.DataFrame, out: Path) -> str:
     if figs:
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figs]
     return "\n".join(lines) + "\n"
+
+
+def numbers(rec: dict[str, Any], sp: dict[str, Any]) -> str:
+    """``sisa 82.85; best baseline sgdm[method=fedavg] 82.35`` (final test, mean over seeds)."""
+    means, lower = rec["means"], bool(rec.get("lower_is_better", False))
+    base = {a: v for a, v in means.items()
+            if a != rec["claim"] and a not in sp.get("references", [])
+            and a not in sp.get("claims", []) and v is not None and math.isfinite(v)}
+    text = f"{rec['claim']} {fmt_num(means.get(rec['claim'], math.nan))}"
+    if base:
+        best = (min if lower else max)(base, key=base.__getitem__)
+        text += f"; best baseline {best} {fmt_num(base[best])}"
+    return text
 
 
 # --- results/VERDICTS.md ----------------------------------------------------------------------
@@ -428,11 +447,7 @@ def verdicts_markdown(results_dir: Path) -> str:
         setup = (f"{info['scale']}; {sp['trials']} trials + {sp['seeds']} seeds per arm"
                  if sp["trials"] else f"{info['scale']}; untuned, {sp['seeds']} seeds per arm")
         for r in info["records"]:
-            means = r["means"]
-            claim_mean = means.get(r["claim"], math.nan)
-            others = ", ".join(f"{a} {fmt_num(v)}" for a, v in means.items()
-                               if a != r["claim"])
-            nums = f"{r['claim']} {fmt_num(claim_mean)}; {others}"
+            nums = numbers(r, sp)
             cav = "; ".join(info["caveats"][:2]) or "–"
             link = f"[{info['artefact']}]({path.parent.name}/README.md)"
             lines.append(f"| {link} | {info['claim']} | {r['task']}, "

@@ -4,13 +4,6 @@ Two runs with the same identity differ only by seed: tables pool them into one r
 them: adamw at lr 1e-3 and at lr 0.3 are two rows, labelled by what differs). Two runs with the
 same identity *and* seed are a duplicate, flagged and counted once (the earliest).
 
-The identity is the resolved ``config.yaml`` minus
-
-- ``seed``, and every key named ``*seed`` whose value equals the run's seed (values that follow
-  it, such as ``task.partition_seed: ${seed}``, resolved in the stored config);
-- the keys that do not change what a run computes: :data:`NOT_IDENTITY` at the top level and
-  :data:`TRAIN_NOT_IDENTITY` under ``train``.
-
 The identity itself is defined in :mod:`experiments.identity`; here it is read from the run
 directory's ``summary.json`` (``identity``) when the run recorded it, and otherwise recomputed
 from ``config.yaml`` (:func:`identity_of`).
