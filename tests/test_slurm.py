@@ -139,7 +139,8 @@ def test_sweep_on_slurm_with_a_time_limit_requeue(slurm: Path) -> None:
 
     stdout = _finish(proc, log, 240, poll=signal_first_run_then_hurry_its_requeue)
     assert proc.returncode == 0, stdout[-4000:]
-    assert "3 to run" in stdout and "launching 3 jobs with hydra/launcher=slurm" in stdout
+    assert "3 seed runs to run" in stdout  # the quickstart's protocol: seeds, no tuning stage
+    assert "launching 3 jobs with hydra/launcher=slurm" in stdout
     runs = _runs(out)
     assert len(runs) == 3 and signalled
     job_ids = set()
