@@ -319,3 +319,24 @@ def test_tasks_log_the_validation_metric_beside_test(run_cfg, task: str, metric:
     assert any("validation split" in n for n in summary["notes"])
     plain, plain_dir = run_cfg([f"task={task}", "scale=smoke", "train.threads=1", "seed=1"])
     assert plain["status"] == "ok" and selection_value(plain_dir, metric) is None
+
+
+def test_recorded_runs_are_adopted_only_when_they_compute_the_same(tmp_path: Path) -> None:
+    """A finished run whose directory name hashes an older config rule is found by identity;
+    one that differs in a key is not, unless the experiment lists that key (adopt_ignore)."""
+    from experiments.protocol import adopt
+    from experiments.record import run_dir_for
+
+    compose = _fake_compose(tmp_path)
+    cfg = compose(["optim=adamw", "seed=0", "task.data.n_train=null"])
+    want = run_dir_for(cfg)
+    old = want.parent / "small-s0-00000000"  # another hash, same identity
+    _write_run(old, "ok", [("val_accuracy", 1.0)])
+    (old / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    assert adopt(want, cfg) == old
+    other = compose(["optim=adamw", "seed=0", "task.data.n_train=256"])
+    (old / "config.yaml").write_text(OmegaConf.to_yaml(other))
+    assert adopt(want, cfg) == want  # differs in a key: not the same run
+    assert adopt(want, cfg, ["task.data.n_train"]) == old
+    seed1 = compose(["optim=adamw", "seed=1", "task.data.n_train=null"])
+    assert adopt(run_dir_for(seed1), seed1, ["task.data.n_train"]) == run_dir_for(seed1)
