@@ -58,7 +58,8 @@ def exit_code(statuses: Iterable[str]) -> int:
     statuses = list(statuses)
     if any(s in ("failed", "unreadable") for s in statuses):
         return EXIT_FAILED
-    if any(s not in ("ok", "diverged") for s in statuses):
+    # "skipped": a torchrun rank whose rank 0 found the run finished (an outcome)
+    if any(s not in ("ok", "diverged", "skipped") for s in statuses):
         return EXIT_INTERRUPTED
     return EXIT_OK
 

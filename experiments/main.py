@@ -38,18 +38,20 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.train.threads))
     run_dir = run_dir_for(cfg)
     task = build_task(cfg, device)
-    lock = None
+    lock, finished = None, None
     if d.is_main:
         lock = RunRecord.claim(cfg)
         try:
             finished = _finished_summary(cfg, run_dir, str(device))
-            if finished is not None:
-                lock.release()
-                return finished
-            check_identity(run_dir, cfg)
+            if finished is None:
+                check_identity(run_dir, cfg)
         except BaseException:
             lock.release()
             raise
+    if _skip_on_every_rank(finished is not None, d, device):
+        if lock is not None:
+            lock.release()
+        return finished if finished is not None else {"status": "skipped"}
     store = CheckpointStore(run_dir, d.rank)
     store.clean()
     loaded, notes = store.load(map_location=device)
@@ -130,6 +132,15 @@ def _finished_summary(cfg: DictConfig, run_dir: Any, device: str) -> dict[str, A
     log.info("skipping %s: finished earlier (status %s, %s=%s)", run_dir, summary["status"],
              summary.get("metric"), summary.get("final_metric"))
     return summary
+
+
+def _skip_on_every_rank(skip: bool, d: Dist, device: torch.device) -> bool:
+    """Rank 0's decision to skip a finished run, told to every torchrun rank."""
+    if d.world == 1:
+        return skip
+    flag = torch.tensor([int(skip)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _agree_across_ranks(

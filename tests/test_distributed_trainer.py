@@ -29,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(overrides: list[str], out: Path) -> Path:
+def _torchrun(overrides: list[str], out: Path, timeout: float = 300) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PISA_OUT_DIR": str(out)}
     cmd = [
         sys.executable,
@@ -42,7 +42,8 @@ def _torchrun(overrides: list[str], out: Path) -> Path:
         *overrides,
         "hydra.run.dir=" + str(out / "hydra"),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (summary,) = out.glob("runs/**/summary.json")
     return summary.parent
@@ -77,3 +78,13 @@ def test_torchrun_matches_single_process(
     assert len(got) == len(want) == 4
     assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert summary["final_metric"] == pytest.approx(ref["final_metric"], abs=1e-9)
+
+
+@pytest.mark.distributed
+def test_torchrun_skips_a_finished_run_on_every_rank(tmp_path: Path) -> None:
+    """The same torchrun command again: rank 0 finds the run finished and every rank returns
+    (no rank left waiting in a collective), the record untouched."""
+    run_dir = _torchrun([*BASE, "optim=sisa"], tmp_path)
+    before = (run_dir / "summary.json").read_text(), (run_dir / "metrics.csv").read_text()
+    assert _torchrun([*BASE, "optim=sisa"], tmp_path, timeout=120) == run_dir
+    assert ((run_dir / "summary.json").read_text(), (run_dir / "metrics.csv").read_text()) == before
