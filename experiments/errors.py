@@ -56,7 +56,7 @@ class DatasetMissing(UserError, FileNotFoundError):
 def exit_code(statuses: Iterable[str]) -> int:
     """The exit code for runs that ended with ``statuses`` (the worst one wins)."""
     statuses = list(statuses)
-    if any(s in ("failed", "unreadable") for s in statuses):
+    if "failed" in statuses:
         return EXIT_FAILED
     # "skipped": a torchrun rank whose rank 0 found the run finished (an outcome)
     if any(s not in ("ok", "diverged", "skipped") for s in statuses):

@@ -123,10 +123,7 @@ def _finished_summary(cfg: DictConfig, run_dir: Any, device: str) -> dict[str, A
     if summary is None or summary.get("status") not in OUTCOMES:
         return None
     if cfg.run.if_exists != "resume":
-        raise RunExists(
-            f"{run_dir} already holds a finished run (status '{summary['status']}'); runs are "
-            "never overwritten. Change the seed or `name=`, or delete that directory."
-        )
+        raise RunExists.finished(run_dir, str(summary["status"]))
     for note in verify_finished(run_dir, summary, device):
         log.warning("%s: %s", run_dir, note)
     log.info("skipping %s: finished earlier (status %s, %s=%s)", run_dir, summary["status"],

@@ -46,8 +46,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.record import run_dir_for
-from experiments.rundir import read_metrics
-from experiments.sweep import Plan, Point, _composer, _status
+from experiments.rundir import read_metrics, run_status
+from experiments.sweep import Plan, Point, _composer
 
 FINISHED = ("ok", "diverged", "failed")  # outcomes a protocol stage can rely on
 
@@ -226,14 +226,14 @@ def adopt(run_dir: Path, cfg: DictConfig, ignore: Sequence[str] = ()) -> Path:
     prefix = f"{cfg.scale}-s{cfg.seed}-"
     for d in sorted(run_dir.parent.glob(prefix + "*")):
         c = load_config(d)
-        if c and c.get("seed") == cfg.seed and _status(d) in FINISHED and key(c) == want:
+        if c and c.get("seed") == cfg.seed and run_status(d) in FINISHED and key(c) == want:
             return d
     return run_dir
 
 
 def selection_value(run_dir: Path, metric: str) -> float | None:
     """The last ``val_<metric>`` of a finished ok run (``None``: not ok, or no such row)."""
-    if _status(run_dir) != "ok":
+    if run_status(run_dir) != "ok":
         return None
     path = run_dir / "metrics.csv"
     name = f"val_{metric}"
@@ -261,7 +261,7 @@ class Protocol:
         assert self._compose is not None
         cfg = self._compose(ovr)
         rd = adopt(run_dir_for(cfg), cfg, self.spec.adopt_ignore)
-        return Point(ovr, cfg, rd, _status(rd), {"lr_mult": m, **tags})
+        return Point(ovr, cfg, rd, run_status(rd), {"lr_mult": m, **tags})
 
     def points(self) -> list[Point]:
         """Every point built so far, each run directory once."""
@@ -359,7 +359,7 @@ class Protocol:
         """Re-read the statuses; ``False`` when a run was stopped by a signal (preempted) or
         not reached (the launcher stopped first, or refused it before it started)."""
         for p in points:
-            p.status = _status(p.run_dir)
+            p.status = run_status(p.run_dir)
         self.attempted.update(p.run_dir for p in points if p.status not in (None, "preempted"))
         return not any(p.status in (None, "preempted") for p in points)
 

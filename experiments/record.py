@@ -30,6 +30,7 @@ from experiments.checkpoints import CheckpointStore, Loaded
 from experiments.errors import EXIT_LOCKED, UserError
 from experiments.identity import identity_config, identity_hash
 from experiments.rundir import (
+    METRIC_COLUMNS,
     OUTCOMES,
     SUMMARY_FIELDS,
     MetricRow,
@@ -37,6 +38,7 @@ from experiments.rundir import (
     UnreadableRecord,
     atomic_write_json,
     atomic_write_text,
+    metric_row,
     read_json,
     read_metrics,
     read_summary,
@@ -53,6 +55,11 @@ __all__ = ["RunExists", "RunLocked", "RunRecord", "run_dir_for"]
 
 class RunExists(UserError, RuntimeError):
     """The run directory holds a run that must not be overwritten (or is claimed)."""
+
+    @classmethod
+    def finished(cls, run_dir: Path, status: str) -> RunExists:
+        return cls(f"{run_dir} already holds a finished run (status '{status}'); runs are never "
+                   "overwritten. Change the seed or `name=`, or delete that directory.")
 
 
 class RunLockedError(RunExists, RunLocked):
@@ -166,10 +173,7 @@ class RunRecord:
                                                        if loaded else str(e)]
         status = None if old is None else old.get("status")
         if status in OUTCOMES:
-            raise RunExists(
-                f"{run_dir} already holds a finished run (status '{status}'); runs are never "
-                "overwritten. Change the seed or `name=`, or delete that directory."
-            )
+            raise RunExists.finished(run_dir, str(status))
         check_identity(run_dir, cfg)
         started = status is not None or (run_dir / "metrics.csv").exists()
         if started and cfg.run.if_exists != "resume":
@@ -213,7 +217,8 @@ class RunRecord:
             summary = dict(t["summary"])
             rows = t.get("metric_rows")
             if rows is None:  # a checkpoint without its rows: keep those up to its step
-                rows = [_as_row(r) for r in read_metrics(run_dir / "metrics.csv")
+                rows = [metric_row(*(r[c] for c in METRIC_COLUMNS))
+                        for r in read_metrics(run_dir / "metrics.csv")
                         if r["step"] <= loaded.step] if (run_dir / "metrics.csv").exists() else []
             summary["wall_time_s"] = t["wall_time_s"]
         else:
@@ -239,9 +244,6 @@ class RunRecord:
             raise KeyError(f"not summary fields: {sorted(unknown)}")
         self.summary.update(fields)
 
-    def note(self, text: str) -> None:
-        self.summary["notes"] = [*(self.summary.get("notes") or []), text]
-
     def write_summary(self) -> None:
         s = dict(self.summary)
         s["wall_time_s"] = round(self.wall_time(), 3)
@@ -262,11 +264,6 @@ class RunRecord:
             return read_json(self.dir / "summary.json")
         finally:
             self.lock.release()
-
-
-def _as_row(r: dict[str, Any]) -> MetricRow:
-    return (str(r["step"]), f"{r['epoch']:.6g}", str(r["samples_or_tokens"]),
-            f"{r['wall_time_s']:.4f}", r["split"], r["metric"], repr(float(r["value"])))
 
 
 def _archive(run_dir: Path, why: str, keep_checkpoints: bool) -> Path:

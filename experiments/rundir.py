@@ -247,6 +247,15 @@ def run_meta(device: str, repo: Path) -> dict[str, Any]:
 MetricRow = tuple[str, ...]  # one metrics.csv row, as written (strings)
 
 
+def metric_row(
+    step: int, epoch: float, samples_or_tokens: int, wall_time_s: float, split: str,
+    metric: str, value: float,
+) -> MetricRow:
+    """One ``metrics.csv`` row (:data:`METRIC_COLUMNS`) as the text it is written as."""
+    return (str(step), f"{epoch:.6g}", str(samples_or_tokens), f"{wall_time_s:.4f}", split,
+            metric, repr(float(value)))
+
+
 class MetricsWriter:
     """Appends rows of ``metrics.csv`` (long format), flushing each batch of rows, and keeps every
     row written so far in :attr:`rows` (checkpoints carry them: a resume rewrites the file)."""
@@ -272,29 +281,14 @@ class MetricsWriter:
         split: str,
         metrics: Mapping[str, float],
     ) -> None:
-        new = [
-            (
-                str(step),
-                f"{epoch:.6g}",
-                str(samples_or_tokens),
-                f"{wall_time_s:.4f}",
-                split,
-                name,
-                repr(float(value)),
-            )
-            for name, value in metrics.items()
-        ]
+        new = [metric_row(step, epoch, samples_or_tokens, wall_time_s, split, name, value)
+               for name, value in metrics.items()]
         self._w.writerows(new)
         self._f.flush()
         self.rows.extend(new)
 
     def close(self) -> None:
         self._f.close()
-
-
-def count_metric_rows(path: str | os.PathLike) -> int:
-    """Complete data rows of a ``metrics.csv`` (the header and a torn last line not counted)."""
-    return len(read_metrics(path))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -115,7 +115,7 @@ class Plan:
     def refresh(self) -> None:
         """Re-read every point's status and the in-flight ledger."""
         for p in self.points:
-            p.status = _status(p.run_dir)
+            p.status = run_status(p.run_dir)
         self.in_flight = read_in_flight(self.runs_root)
 
     def describe(self) -> str:
@@ -139,9 +139,6 @@ def _quote(s: str) -> str:
     import shlex
 
     return shlex.quote(s)
-
-
-_status = run_status
 
 
 def is_hydra_override(o: str) -> bool:
@@ -270,7 +267,7 @@ def plan(
                     if rd in seen:  # the same run reached from two blocks
                         continue
                     seen.add(rd)
-                    points.append(Point(vo, vcfg, rd, _status(rd), tags))
+                    points.append(Point(vo, vcfg, rd, run_status(rd), tags))
     p = Plan(experiment=experiment, name=str(head.name), scale=str(head.scale),
              out_dir=Path(str(head.paths.out_dir)).resolve(), base_overrides=base,
              task_overrides=args,
@@ -417,7 +414,7 @@ def launch_hydra(
         GlobalHydra.instance().clear()
     counts: dict[str, int] = {}
     for p in points:
-        s = str(_status(p.run_dir))
+        s = str(run_status(p.run_dir))
         counts[s] = counts.get(s, 0) + 1
     return counts
 
