@@ -34,10 +34,16 @@ NS_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 
 
 def default_ns_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """bfloat16 (as the paper and torch's Muon, on every device); float64 for float64 parameters
-    (reference checks)."""
-    del device
-    return torch.float64 if dtype == torch.float64 else torch.bfloat16
+    """bfloat16 on accelerators (as the paper and torch's Muon); float32 on CPU; float64 for
+    float64 parameters (reference checks).
+
+    On CPU, bfloat16 matmuls are fast only on processors with native bf16 units (AMX,
+    AVX512-BF16): on an AVX2 AMD EPYC they measured 30-60x slower than float32 at every width
+    from 64 to 768 (``scripts/bench_optimizers.py``, rows ``nsisa`` / ``nsisa_bf16``). Pass
+    ``ns_dtype=torch.bfloat16`` to get the paper's rounding on CPU."""
+    if dtype == torch.float64:
+        return torch.float64
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
 def ns_polynomial(

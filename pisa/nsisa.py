@@ -86,8 +86,9 @@ class NSISA(PISA):
         nesterov: Nesterov momentum.
         ns_steps: Newton-Schulz iterations (>= 0).
         ns_dtype: dtype of the iteration (a ``torch.dtype`` or a name such as ``"bfloat16"``);
-            default bfloat16 on every device (as the paper and torch's Muon), float64 for
-            float64 parameters.
+            default bfloat16 on accelerators (as the paper and torch's Muon), float32 on CPU
+            (bfloat16 matmuls are slow on most CPUs; torch's Muon keeps bfloat16 everywhere),
+            float64 for float64 parameters.
         ns_coefficients: ``(a, b, c)``.
         eps: added to ``q`` (>= 0).
         preconditioner: ``"abs"`` (``|s| + eps``, default), ``"ema"``

@@ -234,6 +234,44 @@ def test_lstm_resume_reproduces_an_uninterrupted_run(preempt_and_resume) -> None
 
 
 # --- GPT-2 fine-tuning ----------------------------------------------------------------------------
+def test_gpt2_selection_stream_is_the_tail_of_training(tmp_path: Path) -> None:
+    """val_fraction moves the last share of the training tokens into the selection stream:
+    train + selection is the old training stream, the held-out split is untouched."""
+    base = ["task=gpt2", "scale=smoke"]
+    plain = make_task(base, tmp_path)
+    plain.setup()
+    carved = make_task([*base, "task.data.val_fraction=0.25"], tmp_path)
+    carved.setup()
+    old = plain.train_windows.arrays[0]
+    train, sel = carved.train_windows.arrays[0], carved.select_windows.arrays[0]
+    assert len(sel) == round(0.25 * len(old)) and plain.select_windows is None
+    assert np.array_equal(np.concatenate([train, sel]), old)
+    assert np.array_equal(carved.val_windows.arrays[0], plain.val_windows.arrays[0])
+    with torch.no_grad():
+        out = carved.evaluate(carved.build_model())
+    assert set(out) == {"loss", "ppl", "val_loss", "val_ppl"} and out["loss"] != out["val_loss"]
+
+
+def test_gpt2_finetune_selection_recipes_leave_training(tmp_path: Path) -> None:
+    """val_fraction moves a fixed share of the training recipes out of training; the held-out
+    recipes (the reported loss) are the same as without it."""
+    base = ["task=gpt2_finetune", "scale=smoke"]
+    plain = make_task(base, tmp_path)
+    plain.setup()
+    carved = make_task([*base, "task.data.val_fraction=0.25"], tmp_path)
+    carved.setup()
+    assert carved.select_ids is not None and plain.select_ids is None
+    assert len(carved.select_ids) == round(0.25 * len(plain.train_ids))
+    rows = {tuple(r) for r in carved.train_ids.tolist()}
+    assert not rows & {tuple(r) for r in carved.select_ids.tolist()}
+    assert sorted([*carved.train_ids.tolist(), *carved.select_ids.tolist()]) == sorted(
+        plain.train_ids.tolist())
+    assert torch.equal(carved.val_ids, plain.val_ids)
+    with torch.no_grad():
+        assert set(carved.evaluate(carved.build_model())) == {"loss", "ppl", "val_loss",
+                                                              "val_ppl"}
+
+
 def test_gpt2_finetune_says_freshly_initialised(run_cfg) -> None:
     summary, _ = run_cfg(["task=gpt2_finetune", "optim=adamw", "scale=smoke"])
     assert summary["status"] == "ok"

@@ -70,3 +70,14 @@ def test_orthogonalize_conv_reshape_and_scale() -> None:
     torch.testing.assert_close(out.reshape(12, 4), expected, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="dims"):
         orthogonalize(torch.ones(3))
+
+
+def test_default_ns_dtype_is_bfloat16_on_accelerators_only() -> None:
+    """bfloat16 where the paper ran (GPU), float32 on CPU (no fast bf16 matmul), float64 kept."""
+    from pisa.newton_schulz import default_ns_dtype
+
+    assert default_ns_dtype(torch.device("cuda"), torch.float32) == torch.bfloat16
+    assert default_ns_dtype(torch.device("cpu"), torch.float32) == torch.float32
+    assert default_ns_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32
+    assert default_ns_dtype(torch.device("cuda"), torch.float64) == torch.float64
+    assert newton_schulz(torch.randn(8, 4)).dtype == torch.float32

@@ -308,7 +308,8 @@ def test_validation_split_is_fixed_disjoint_and_checked() -> None:
 
 
 @pytest.mark.parametrize("task,metric", [("quickstart_mnist", "accuracy"),
-                                         ("fl_adult", "accuracy"), ("lstm1_ptb", "ppl")])
+                                         ("fl_adult", "accuracy"), ("lstm1_ptb", "ppl"),
+                                         ("gpt2", "loss"), ("gpt2_finetune", "loss")])
 def test_tasks_log_the_validation_metric_beside_test(run_cfg, task: str, metric: str) -> None:
     """A smoke run with task.data.val_fraction logs val_<metric> (what the protocol selects
     on) in the same evaluations as the test metric; without it, no val_ rows."""

@@ -34,7 +34,7 @@ from torch import nn
 
 from experiments.data import text
 from experiments.data.keys import check_dataset, require_files
-from experiments.data.split import tail_split
+from experiments.data.split import tail_split, validation_indices
 from experiments.errors import DatasetMissing
 from experiments.models.gpt import build_gpt
 from experiments.models.lstm import LSTMLM, detach_hidden
@@ -70,11 +70,12 @@ class GPTPretraining(Task):
         return frozenset({
             "name", "synthetic", "seq_len", "shuffle", "val_tokens", "synthetic_vocab",
             "synthetic_tokens", "dir", "train_pattern", "val_pattern", "tokenizer_dir",
-            "train_frac", "compact_vocab",
+            "train_frac", "compact_vocab", "val_fraction",
         })
 
     train_windows: text.TokenWindows
     val_windows: text.TokenWindows
+    select_windows: text.TokenWindows | None = None  # carved from training (val_fraction)
     vocab_size: int
 
     def setup(self) -> None:
@@ -85,20 +86,27 @@ class GPTPretraining(Task):
             v = int(d.synthetic_vocab)
             toks = torch.randint(0, v, (int(d.synthetic_tokens),), generator=g)
             n = int(0.9 * len(toks))
-            train, val, vocab = [toks[:n]], [toks[n:]], v
+            train, select = self._carve([toks[:n]])
+            val, vocab = [toks[n:]], v
         elif d.name == "fineweb10B":
             root = self.data_dir / str(d.dir)
-            train = [text.load_shard(p)
-                     for p in text.find_shards(root, str(d.train_pattern), d.name)]
+            train, select = self._carve([text.load_shard(p) for p in
+                                         text.find_shards(root, str(d.train_pattern), d.name)])
             val = [text.load_shard(p) for p in text.find_shards(root, str(d.val_pattern), d.name)]
             vocab = 50257
         elif d.name in ("tinyshakespeare", "wikitext2"):
-            train, val, vocab = self._text_corpus()
+            train, select, val, vocab = self._text_corpus()
         else:
             raise ValueError(
                 f"unknown gpt2 data '{d.name}': fineweb10B | tinyshakespeare | wikitext2")
         self.train_windows = text.TokenWindows(train, T)
         self.val_windows = text.TokenWindows(val, T)
+        if select is not None:
+            self.select_windows = text.TokenWindows([select], T)
+            self.notes.append(
+                f"validation split for selection: the last {len(select)} training tokens "
+                f"(val_loss / val_ppl); loss / ppl are on the held-out split "
+                f"({self.tcfg.metric.get('split', 'val')})")
         mv = self.tcfg.model.get("vocab_size")
         self.vocab_size = int(mv) if mv is not None else vocab
         if self.vocab_size < vocab:
@@ -108,8 +116,17 @@ class GPTPretraining(Task):
                  d.name if not d.synthetic else "synthetic", n_tok, len(self.train_windows), T,
                  len(self.val_windows), self.vocab_size)
 
-    def _text_corpus(self) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-        """GPT-2 tokens of a small corpus and the split it is used under (with a note saying so)."""
+    def _carve(self, train: list[Any]) -> tuple[list[Any], Any | None]:
+        """``(train, selection)``: the last ``data.val_fraction`` of the last training array is
+        the selection stream (contiguous; :func:`~experiments.data.split.tail_split`)."""
+        *head, last = train
+        last, select = tail_split(last, self.tcfg.data.get("val_fraction"))
+        return [*head, last], select
+
+    def _text_corpus(self) -> tuple[list[np.ndarray], np.ndarray | None, list[np.ndarray], int]:
+        """GPT-2 tokens of a small corpus, ``(train, selection, held-out, vocab)``, and the split
+        it is used under (with a note saying so). The selection stream is carved before the
+        vocabulary is compacted, so that only the training tokens define it."""
         d = self.tcfg.data
         tok_dir = text.gpt2_tokenizer_dir([self.data_dir / str(d.tokenizer_dir)])
         tokenizer = text.load_gpt2_tokenizer(tok_dir)
@@ -130,12 +147,15 @@ class GPTPretraining(Task):
             self.notes.append("WikiText-2 train split unavailable: trained on valid.txt, validated "
                               "on test.txt (non-standard split)")
         vocab = 50257
+        [train], select = self._carve([train])
         if d.get("compact_vocab"):
-            (train, val), vocab, _ = text.compact_vocabulary(train, val)
+            rest = [val] if select is None else [val, select]
+            (train, val, *sel), vocab, _ = text.compact_vocabulary(train, *rest)
+            select = sel[0] if sel else None
             self.notes.append(
                 f"vocabulary compacted to the {vocab - 1} GPT-2 tokens present in the training "
                 "text (+1 id for validation tokens unseen in training), a CPU-sized softmax")
-        return [train], [val], vocab
+        return [train], select, [val], vocab
 
     def build_model(self) -> nn.Module:
         m = self.tcfg.model
@@ -166,10 +186,22 @@ class GPTPretraining(Task):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Mean loss over the first ``data.val_tokens`` tokens of validation (all when null)."""
+        """``loss``/``ppl`` on the held-out split, ``val_loss``/``val_ppl`` on the selection
+        stream when ``data.val_fraction`` carved one; each over its first ``data.val_tokens``
+        tokens (all when null)."""
+        out = {}
+        sets = {"": self.val_windows, "val_": self.select_windows}
+        for prefix, windows in sets.items():
+            if windows is not None:
+                loss = self._windows_loss(model, windows)
+                out |= {f"{prefix}loss": loss, f"{prefix}ppl": perplexity(loss)}
+        return out
+
+    def _windows_loss(self, model: nn.Module, windows: text.TokenWindows) -> float:
+        """Mean next-token loss (nats) over the first ``data.val_tokens`` tokens of ``windows``."""
         T = int(self.tcfg.data.seq_len)
         cap = self.tcfg.data.get("val_tokens")
-        n = len(self.val_windows)
+        n = len(windows)
         if cap is not None:
             n = min(n, max(int(cap) // T, 1))
         rank, world = pdist.rank(), pdist.world_size()
@@ -177,14 +209,13 @@ class GPTPretraining(Task):
         bs = int(self.cfg.train.eval_batch_size)
         total, count = 0.0, 0.0
         for i in range(0, len(mine), bs):
-            b = self.val_windows.batch(mine[i : i + bs]).to(self.device)
+            b = windows.batch(mine[i : i + bs]).to(self.device)
             logits = model(b[:, :-1]).float()
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                            b[:, 1:].reshape(-1), reduction="sum"))
             count += b[:, 1:].numel()
         total, count = sum_across_ranks([total, count], self.device)
-        loss = total / max(count, 1.0)
-        return {"loss": loss, "ppl": perplexity(loss)}
+        return total / max(count, 1.0)
 
 
 # ============================================================================================
@@ -207,10 +238,12 @@ class GPT2Finetune(Task):
         return frozenset({
             "name", "synthetic", "dir", "file", "max_length", "split_seed", "train_frac",
             "tokenizer_dir", "compact_vocab", "synthetic_samples", "synthetic_vocab",
+            "val_fraction",
         })
 
     train_ids: torch.Tensor
     val_ids: torch.Tensor
+    select_ids: torch.Tensor | None = None  # carved from training (val_fraction)
     vocab_size: int
     pad_id: int
     bos_id: int | None = None
@@ -239,10 +272,21 @@ class GPT2Finetune(Task):
         n_train = round(float(d.train_frac) * len(ids))
         perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(int(d.split_seed)))
         self.train_ids, self.val_ids = ids[perm[:n_train]], ids[perm[n_train:]]
+        if d.get("val_fraction"):
+            keep, sel = validation_indices(len(self.train_ids), float(d.val_fraction))
+            self.train_ids, self.select_ids = self.train_ids[keep], self.train_ids[sel]
+            self.notes.append(
+                f"validation split for selection: {len(sel)} of the training recipes "
+                f"(val_loss / val_ppl); loss / ppl are on the {len(self.val_ids)} held-out ones")
         if d.get("compact_vocab") and self.pretrained is None and not d.synthetic:
-            (tr, va), self.vocab_size, table = text.compact_vocabulary(
-                self.train_ids.numpy(), self.val_ids.numpy())
+            rest = [self.val_ids.numpy()]
+            if self.select_ids is not None:
+                rest.append(self.select_ids.numpy())
+            (tr, va, *sel_ids), self.vocab_size, table = text.compact_vocabulary(
+                self.train_ids.numpy(), *rest)
             self.train_ids, self.val_ids = torch.from_numpy(tr), torch.from_numpy(va)
+            if sel_ids:
+                self.select_ids = torch.from_numpy(sel_ids[0])
             self.pad_id = int(table[self.pad_id])
             self.bos_id = int(table[self.bos_id]) if self.bos_id is not None else None
             self.eos_id = int(table[self.eos_id]) if self.eos_id is not None else None
@@ -319,16 +363,26 @@ class GPT2Finetune(Task):
         return total / max(n, 1)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """``loss``/``ppl`` on the held-out recipes, ``val_loss``/``val_ppl`` on the selection
+        recipes when ``data.val_fraction`` carved them (padding not scored)."""
+        out = {}
+        for prefix, ids in {"": self.val_ids, "val_": self.select_ids}.items():
+            if ids is not None:
+                loss = self._ids_loss(model, ids)
+                out |= {f"{prefix}loss": loss, f"{prefix}ppl": perplexity(loss)}
+        return out
+
+    def _ids_loss(self, model: nn.Module, ids: torch.Tensor) -> float:
+        """Mean next-token loss (nats) of padded rows ``ids``, split across ranks."""
         bs = int(self.cfg.train.eval_batch_size)
         rank, world = pdist.rank(), pdist.world_size()
-        ids = self.val_ids[rank::world]
+        ids = ids[rank::world]
         total, count = 0.0, 0.0
         for i in range(0, len(ids), bs):
             s, n = self._loss_sum(model, ids[i : i + bs].to(self.device))
             total, count = total + float(s), count + n
         total, count = sum_across_ranks([total, count], self.device)
-        loss = total / max(count, 1.0)
-        return {"loss": loss, "ppl": perplexity(loss)}
+        return total / max(count, 1.0)
 
 
 # ============================================================================================
