@@ -11,6 +11,7 @@ One protocol for every artefact and every optimizer (stated for readers in
         max_extend: 3            # edge rule: at most this many extra trials per side
         seeds: 5                 # seeds 0..n-1 at the chosen multiple, and at x1 ("paper")
         references: [local, central]   # arms shown, never picked as the best baseline
+        speed_reference: adamw   # optional: steps / tokens to this arm's final metric (speed.md)
 
 An *arm* is one point of the experiment's sweep at seed 0 (task x optimizer x method ...). For
 each arm:
@@ -66,6 +67,7 @@ class ProtocolSpec:
     seeds: int = 5
     references: tuple[str, ...] = ()
     adopt_ignore: tuple[str, ...] = ()  # config keys a recorded run may differ in (see adopt)
+    speed_reference: str | None = None  # arm whose final metric is the "faster" target
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ProtocolSpec | None:
@@ -74,7 +76,7 @@ class ProtocolSpec:
         if not block:
             return None
         unknown = set(block) - {"claim", "trials", "lr_range", "max_extend", "seeds",
-                                "references", "adopt_ignore"}
+                                "references", "adopt_ignore", "speed_reference"}
         if unknown:
             raise ValueError(f"reproduce.protocol: unknown keys {sorted(unknown)}")
         if "claim" not in block:
@@ -86,7 +88,9 @@ class ProtocolSpec:
                    lr_range=(lo, hi), max_extend=int(block.get("max_extend", 3)),
                    seeds=int(block.get("seeds", 5)),
                    references=tuple(str(r) for r in block.get("references", ()) or ()),
-                   adopt_ignore=tuple(str(k) for k in block.get("adopt_ignore", ()) or ()))
+                   adopt_ignore=tuple(str(k) for k in block.get("adopt_ignore", ()) or ()),
+                   speed_reference=(str(block["speed_reference"])
+                                    if block.get("speed_reference") else None))
         spec.validate()
         return spec
 

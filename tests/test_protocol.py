@@ -341,3 +341,49 @@ def test_recorded_runs_are_adopted_only_when_they_compute_the_same(tmp_path: Pat
     assert adopt(want, cfg, ["task.data.n_train"]) == old
     seed1 = compose(["optim=adamw", "seed=1", "task.data.n_train=null"])
     assert adopt(run_dir_for(seed1), seed1, ["task.data.n_train"]) == run_dir_for(seed1)
+
+
+# --- steps / tokens to a target (the "faster" half of a claim) --------------------------------
+def _speed_curves(arm_means: dict[str, list[float]], seeds: int, sd: float) -> pd.DataFrame:
+    """Held-out loss curves at steps 10, 20, ...: seed k of an arm is its mean + sd*(k - mid)."""
+    rows = []
+    for arm, means in arm_means.items():
+        for k in range(seeds):
+            for i, m in enumerate(means):
+                rows.append({"run_dir": f"{arm}-{k}", "step": 10 * (i + 1),
+                             "samples_or_tokens": 1000 * (i + 1), "wall_time_s": float(i + 1),
+                             "split": "test", "metric": "loss",
+                             "value": m + sd * (k - (seeds - 1) / 2)})
+    return pd.DataFrame(rows)
+
+
+def test_speed_finds_the_first_step_past_the_target_by_z_test() -> None:
+    from experiments.analysis.speed import reached, speed_table, z_test_past
+
+    # the planted answer: "fast" passes 3.0 from step 20 on, "slow" from step 40, "never" never
+    curves = _speed_curves({"fast": [3.5, 2.8, 2.7, 2.6], "slow": [4.0, 3.6, 3.2, 2.9],
+                            "never": [4.0, 3.8, 3.6, 3.4]}, seeds=5, sd=0.01)
+    r = reached("fast", curves[curves["run_dir"].str.startswith("fast")], 3.0, True)
+    assert (r.step, r.tokens, r.n) == (20, 2000.0, 5) and r.p < 0.01
+    assert reached("slow", curves[curves["run_dir"].str.startswith("slow")], 3.0, True).step == 40
+    never = reached("never", curves[curves["run_dir"].str.startswith("never")], 3.0, True)
+    assert never.step is None and never.p > 0.5
+    # the z-test itself: mean 2.9, sd sqrt(0.02/3) over 4 values vs 3.0: z = 0.1 / (sd / 2)
+    z = 0.1 / (math.sqrt(0.02 / 3) / 2)
+    assert z_test_past([2.8, 2.9, 2.9, 3.0], 3.0, True) == pytest.approx(
+        0.5 * math.erfc(z / math.sqrt(2)), rel=1e-6)
+    assert z_test_past([2.9], 3.0, True) != z_test_past([2.9], 3.0, True)  # NaN below 2 values
+    # noisy seeds: the mean passes at step 20 but not by the rule
+    noisy = _speed_curves({"fast": [3.5, 2.95, 2.6, 2.5]}, seeds=5, sd=0.2)
+    assert reached("fast", noisy, 3.0, True).step == 30
+    # higher-is-better flips the side
+    up = _speed_curves({"a": [0.5, 0.9]}, seeds=3, sd=0.01)
+    assert reached("a", up, 0.8, False).step == 20
+    # the table: the reference row and the arms that never reach the target
+    rows = pd.DataFrame([{"arm_task": "gpt2", "arm": a, "role": "tuned", "status": "ok",
+                          "run_dir": f"{a}-{k}", "metric": "loss", "lower_is_better": True,
+                          "final_metric": {"fast": 2.6, "slow": 3.0, "never": 3.4}[a]}
+                         for a in ("fast", "slow", "never") for k in range(5)])
+    md = speed_table(rows, curves, "slow")
+    assert "to the tuned slow's final loss (3, mean of 5 seeds)" in md
+    assert "| fast | 5 | 20 | 2,000 |" in md and "| never | 5 | not reached |" in md

@@ -12,6 +12,8 @@ Files::
                     diverged / failed, optimizer-step ms, wall time, optimizer-state bytes
     verdict.md      paired comparisons, Holm, detectable effect, verdict (analysis.verdict)
     verdict.json    the same, machine-readable (read by ``reproduce.py verdicts``)
+    speed.md        with ``protocol.speed_reference``: steps / tokens / seconds of each tuned
+                    arm to that arm's final metric (:mod:`experiments.analysis.speed`)
     sensitivity.{png,pdf}   final validation / test metric vs lr multiple, seed 0, per arm
     curves_*.{png,pdf}      test-metric curves of the tuned rows, mean and min-max over seeds
     README.md       setup, command, verdict, caveats
@@ -32,6 +34,7 @@ import pandas as pd
 from experiments.analysis.collect import collect
 from experiments.analysis.figures import STYLE, _new_figure, optimizer_colors, plot_curves, save
 from experiments.analysis.identity import identity_of
+from experiments.analysis.speed import speed_table
 from experiments.analysis.stats import mean_ci
 from experiments.analysis.tables import fmt_bytes, fmt_num
 from experiments.analysis.verdict import ALPHA, compare, comparisons_frame, overall
@@ -338,6 +341,9 @@ def render_protocol(proto: Protocol, out_dir: str | os.PathLike, artefact: str,
     vmd = verdict_markdown(records, rows)
     (out / "verdict.md").write_text(f"# {title}: verdict\n\n{vmd}")
     plot_tuned_curves(rows, curves, out, title)
+    if proto.spec.speed_reference:
+        (out / "speed.md").write_text(f"# {title}: steps and tokens to the target\n\n"
+                                      + speed_table(rows, curves, proto.spec.speed_reference))
     status = rows.drop_duplicates("run_dir")["status"].value_counts().to_dict()
     info = {
         "artefact": artefact, "title": title, "claim": str(meta.get("claim") or ""),
@@ -348,7 +354,8 @@ def render_protocol(proto: Protocol, out_dir: str | os.PathLike, artefact: str,
                      "max_extend": proto.spec.max_extend, "seeds": proto.spec.seeds,
                      "claims": list(proto.spec.claims),
                      "references": list(proto.spec.references),
-                     "adopt_ignore": list(proto.spec.adopt_ignore)},
+                     "adopt_ignore": list(proto.spec.adopt_ignore),
+                     "speed_reference": proto.spec.speed_reference},
         "hardware": sorted({str(d) for d in rows.get("meta.device", pd.Series()).dropna()}),
         "edge": {f"{a.task}/{a.label}": a.at_edge for a in proto.arms if a.at_edge},
         "extra_trials": {f"{a.task}/{a.label}": a.extra for a in proto.arms if a.extra},
@@ -391,6 +398,8 @@ def readme(info: dict[str, Any], rows: pd.DataFrame, out: Path) -> str:
                      f"**{r['verdict']}** ({numbers(r, sp)})")
     lines += ["", "Details: `verdict.md`; numbers: `table.md`"
               + (", `tuning.md`, `sensitivity.png`" if sp["trials"] else "")
+              + (", `speed.md` (steps / tokens to the tuned "
+                 f"{sp['speed_reference']}'s final metric)" if sp.get("speed_reference") else "")
               + "; every run: `runs.csv`.", "", "## Caveats", ""]
     cav = list(info["caveats"])
     for k, side in info["edge"].items():
