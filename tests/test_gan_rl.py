@@ -355,6 +355,7 @@ def test_rl_val_return_beside_return_and_selected_on(run_cfg: Any, val_episodes:
                                 "task.total_timesteps=128", "task.eval.every_env_steps=64",
                                 f"task.eval.val_episodes={val_episodes}"])
     assert summary["status"] == "ok" and summary["metric_split"] == "test"
+    assert any("validation split" in n for n in summary["notes"]) == bool(val_episodes)
     rows = read_metrics(run_dir / "metrics.csv")
     tests = [r for r in rows if r["metric"] == "return" and r["split"] == "test"]
     vals = [r for r in rows if r["metric"] == "val_return"]

@@ -337,6 +337,13 @@ class OnPolicyRL(Task):
             f"{self.algo.upper()} (Stable-Baselines3 {sb3_version}) on {self.tcfg.env.id}, "
             f"{self.tcfg.env.n_envs} environments, {self.tcfg.total_timesteps} environment steps"
         )
+        n_val = int(self.tcfg.eval.get("val_episodes") or 0)
+        if n_val > 0:
+            val_seed, test_seed = eval_seeds(self.seed)
+            self.notes.append(
+                f"validation split: {n_val} episodes on environment seed {val_seed} (val_return);"
+                f" test: {self.tcfg.eval.episodes} episodes on seed {test_seed} (return)"
+            )
         agent.set_logger(Logger(folder=None, output_formats=[]))
         agent._update_learning_rate = lambda optimizers: None  # the suite's schedule owns the lr
         opt = trainer.make_optimizer(policy)
