@@ -22,7 +22,8 @@ each arm:
    ``m`` while ``sigma * lr`` stays fixed; a hybrid's companion lr moves by ``m`` too
    (:func:`lr_overrides`).
 2. **Selection** on the *validation* split (``val_<metric>``, the last evaluation of the
-   run; the task carves it out of the training data: ``task.data.val_fraction``). A trial that
+   run; the task carves it out of the training data: ``task.data.val_fraction``; RL tasks play
+   validation episodes on a fixed environment seed: ``task.eval.val_episodes``). A trial that
    diverged or failed ranks last. The test split is never read for selection.
 3. **Edge rule.** If the best multiple is the smallest (largest) tried, one more trial at
    ``m / r`` (``m * r``, ``r`` the grid ratio) is added, until the best is inside the grid or

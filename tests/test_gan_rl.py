@@ -6,7 +6,7 @@ import json
 import sys
 import types
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -303,3 +303,65 @@ def test_rl_resume_continues_the_env_step_count(run_cfg, tmp_path: Path) -> None
     assert second["samples_or_tokens"] < 256 + cut  # the budget was not spent twice
     assert second["steps"] == 16 and any(s > cut for s in samples)
     assert len(json.loads((run_dir / "meta.json").read_text()).get("resumes", [])) == 1
+
+
+def _eval_starts(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> list[np.ndarray]:
+    """First observation of each evaluation environment ``evaluate`` plays (test, then
+    validation), read where SB3's ``evaluate_policy`` would start its episodes."""
+    from experiments.tasks import rl
+
+    cfg = compose_config([f"paths.out_dir={tmp_path}", "scale=smoke", "task=ppo_mujoco",
+                          "optim=adamw", f"seed={seed}", "task.eval.val_episodes=3"])
+    task = build_task(cfg, CPU)
+    task.setup()
+    policy = task.build_model()
+    starts: list[np.ndarray] = []
+
+    def record(
+        model: object, env: Any, n_eval_episodes: int, **kw: object
+    ) -> tuple[list[float], list[int]]:
+        starts.append(env.reset()[0].copy())
+        return [float(len(starts))] * n_eval_episodes, [1] * n_eval_episodes
+
+    monkeypatch.setattr(rl, "evaluate_policy", record)
+    out = task.evaluate(policy)
+    assert out["return"] == 1.0 and out["val_return"] == 2.0  # test, then validation episodes
+    return starts
+
+
+def test_rl_validation_episodes_are_fixed_and_apart_from_test(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from experiments.data.split import VAL_SPLIT_SEED
+    from experiments.tasks.rl import EVAL_SEED_OFFSET, eval_seeds
+
+    test0, val0 = _eval_starts(tmp_path / "a", 0, monkeypatch)
+    test1, val1 = _eval_starts(tmp_path / "b", 1, monkeypatch)
+    assert np.array_equal(val0, val1)  # the same validation episodes for every run
+    assert not np.array_equal(test0, test1)  # test episodes follow the run seed
+    assert not np.array_equal(val0, test0) and not np.array_equal(val1, test1)
+    assert eval_seeds(3) == (VAL_SPLIT_SEED, 3 + EVAL_SEED_OFFSET)
+    with pytest.raises(ValueError, match="validation episodes"):
+        eval_seeds(VAL_SPLIT_SEED - EVAL_SEED_OFFSET)
+
+
+@pytest.mark.parametrize("val_episodes", [0, 2])
+def test_rl_val_return_beside_return_and_selected_on(run_cfg: Any, val_episodes: int) -> None:
+    from experiments.protocol import selection_value
+
+    summary, run_dir = run_cfg(["task=ppo_mujoco", "optim=adamw", "scale=smoke",
+                                "task.total_timesteps=128", "task.eval.every_env_steps=64",
+                                f"task.eval.val_episodes={val_episodes}"])
+    assert summary["status"] == "ok" and summary["metric_split"] == "test"
+    assert any("validation split" in n for n in summary["notes"]) == bool(val_episodes)
+    rows = read_metrics(run_dir / "metrics.csv")
+    tests = [r for r in rows if r["metric"] == "return" and r["split"] == "test"]
+    vals = [r for r in rows if r["metric"] == "val_return"]
+    assert len(tests) >= 2 and float(tests[-1]["value"]) == summary["final_metric"]
+    if not val_episodes:  # off by default: no validation episodes, nothing to select on
+        assert vals == [] and selection_value(run_dir, "return") is None
+        return
+    assert [r["step"] for r in vals] == [r["step"] for r in tests]  # at every evaluation
+    assert selection_value(run_dir, "return") == float(vals[-1]["value"])

@@ -27,9 +27,15 @@ update (every collect); here the optimizer state persists over the run (the pape
 
 Evaluation: ``eval.episodes`` episodes of the deterministic policy on a separate vectorised
 environment seeded from the run seed (``seed + 10_000``, the same start states at every
-evaluation), every ``eval.every_env_steps`` environment steps (after the update that follows
-the rollout crossing the mark) and after the last update. With ``env.normalize_obs`` the
-evaluation environment uses the training statistics.
+evaluation): the test episodes, whose mean is ``return``, the primary metric (split ``test``).
+With ``eval.val_episodes = n > 0`` (default 0: off), ``n`` more episodes on another environment
+seeded with :data:`~experiments.data.split.VAL_SPLIT_SEED` (the same start states for every
+run, optimizer and seed) give ``val_return``, the validation metric on which the verdict
+protocol selects (:mod:`experiments.protocol`); the two seeds differ for every run seed but
+``VAL_SPLIT_SEED - 10_000``, which :func:`eval_seeds` refuses, so selection never reads the
+episodes whose return is reported. Evaluations run every ``eval.every_env_steps`` environment
+steps (after the update that follows the rollout crossing the mark) and after the last update.
+With ``env.normalize_obs`` the evaluation environments use the training statistics.
 
 Checkpoint / resume. Saved: policy weights, optimizer and scheduler state, SB3's counters
 (env steps, updates, episodes, recent episode infos), observation/reward normalisation
@@ -54,6 +60,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from baselines import needs_create_graph
+from experiments.data.split import VAL_SPLIT_SEED
 from experiments.runtime import round_telemetry, workers_per_round
 from experiments.tasks.base import Task
 from experiments.trainer import Preempted, Trainer
@@ -78,9 +85,19 @@ except ImportError as e:  # the optional [rl] extra
     ) from e
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
-EVAL_SEED_OFFSET = 10_000
+EVAL_SEED_OFFSET = 10_000  # test episodes: run seed + this
 STOP_KEYS = ("policy_loss", "value_loss")  # NaN/inf in these is divergence
 RENAME = {"train/policy_gradient_loss": "policy_loss"}  # PPO's name; A2C says policy_loss
+
+
+def eval_seeds(run_seed: int) -> tuple[int, int]:
+    """``(validation, test)`` seeds of the evaluation environments of a run: the validation one
+    is :data:`VAL_SPLIT_SEED` for every run, the test one follows the run seed."""
+    val, test = VAL_SPLIT_SEED, run_seed + EVAL_SEED_OFFSET
+    if val == test:
+        raise ValueError(f"seed {run_seed}: its test episodes would be the validation episodes "
+                         f"(seed {VAL_SPLIT_SEED}); use another seed")
+    return val, test
 
 
 class OnPolicyRL(Task):
@@ -92,7 +109,8 @@ class OnPolicyRL(Task):
         if self.algo not in ("ppo", "a2c"):
             raise ValueError(f"task.algo must be ppo or a2c, not '{self.tcfg.algo}'")
         self.agent: Any = None
-        self.eval_env: Any = None
+        self.eval_env: Any = None  # test episodes
+        self.val_env: Any = None  # validation episodes (eval.val_episodes > 0)
         self.returns: deque[float] = deque(maxlen=int(self.tcfg.return_window))
         self.minibatch_steps = 0
         self.next_eval = 0
@@ -164,26 +182,44 @@ class OnPolicyRL(Task):
 
     # --- evaluation ---------------------------------------------------------------------
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Mean undiscounted return of ``eval.episodes`` episodes of the policy ``model``."""
+        """Mean undiscounted return of ``eval.episodes`` test episodes of the policy ``model``
+        (``return``) and, with ``eval.val_episodes``, of that many validation episodes
+        (``val_return``)."""
         ev = self.tcfg.eval
+        val_seed, test_seed = eval_seeds(self.seed)
         if self.eval_env is None:
-            self.eval_env = self._make_env(1, self.seed + EVAL_SEED_OFFSET, training=False)
-        if self.agent is not None:
-            sync_envs_normalization(self.agent.get_env(), self.eval_env)
-        self.eval_env.seed(self.seed + EVAL_SEED_OFFSET)  # the same start states every time
-        rewards, lengths = evaluate_policy(
-            model,
-            self.eval_env,
-            n_eval_episodes=int(ev.episodes),
-            deterministic=bool(ev.deterministic),
-            return_episode_rewards=True,
-            warn=False,
-        )
-        return {
+            self.eval_env = self._make_env(1, test_seed, training=False)
+        rewards, lengths = self._episodes(model, self.eval_env, test_seed, int(ev.episodes))
+        out = {
             "return": float(np.mean(rewards)),
             "return_std": float(np.std(rewards)),
             "episode_length": float(np.mean(lengths)),
         }
+        n_val = int(ev.get("val_episodes") or 0)
+        if n_val > 0:
+            if self.val_env is None:
+                self.val_env = self._make_env(1, val_seed, training=False)
+            out["val_return"] = float(np.mean(self._episodes(model, self.val_env, val_seed,
+                                                             n_val)[0]))
+        return out
+
+    def _episodes(
+        self, model: nn.Module, env: Any, seed: int, n: int
+    ) -> tuple[list[float], list[int]]:
+        """``(returns, lengths)`` of ``n`` episodes on ``env`` reseeded with ``seed`` (the same
+        start states at every evaluation), with the training normalisation statistics."""
+        if self.agent is not None:
+            sync_envs_normalization(self.agent.get_env(), env)
+        env.seed(seed)
+        rewards, lengths = evaluate_policy(
+            model,
+            env,
+            n_eval_episodes=n,
+            deterministic=bool(self.tcfg.eval.deterministic),
+            return_episode_rewards=True,
+            warn=False,
+        )
+        return list(rewards), list(lengths)
 
     # --- budget -------------------------------------------------------------------------
     def rollout_size(self) -> int:
@@ -291,7 +327,7 @@ class OnPolicyRL(Task):
         try:
             self._train(trainer, policy)
         finally:  # subprocess environments end with the run
-            for env in (self.agent.get_env(), self.eval_env):
+            for env in (self.agent.get_env(), self.eval_env, self.val_env):
                 if env is not None:
                     env.close()
 
@@ -301,6 +337,13 @@ class OnPolicyRL(Task):
             f"{self.algo.upper()} (Stable-Baselines3 {sb3_version}) on {self.tcfg.env.id}, "
             f"{self.tcfg.env.n_envs} environments, {self.tcfg.total_timesteps} environment steps"
         )
+        n_val = int(self.tcfg.eval.get("val_episodes") or 0)
+        if n_val > 0:
+            val_seed, test_seed = eval_seeds(self.seed)
+            self.notes.append(
+                f"validation split: {n_val} episodes on environment seed {val_seed} (val_return);"
+                f" test: {self.tcfg.eval.episodes} episodes on seed {test_seed} (return)"
+            )
         agent.set_logger(Logger(folder=None, output_formats=[]))
         agent._update_learning_rate = lambda optimizers: None  # the suite's schedule owns the lr
         opt = trainer.make_optimizer(policy)
