@@ -48,7 +48,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.record import run_dir_for
-from experiments.rundir import read_metrics, run_status
+from experiments.rundir import read_metrics, read_summary, run_status
 from experiments.sweep import Plan, Point, _composer
 
 FINISHED = ("ok", "diverged", "failed")  # outcomes a protocol stage can rely on
@@ -237,15 +237,23 @@ def adopt(run_dir: Path, cfg: DictConfig, ignore: Sequence[str] = ()) -> Path:
 
 
 def selection_value(run_dir: Path, metric: str) -> float | None:
-    """The last ``val_<metric>`` of a finished ok run (``None``: not ok, or no such row)."""
+    """The last ``val_<metric>`` of a finished ok run (``None``: not ok, or no such row).
+    ``metric`` is the config's name; the one the run's summary records wins (a task may refine
+    it: the GAN's ``fid`` is recorded as ``fid_classifier`` or ``fid_inception``)."""
     if run_status(run_dir) != "ok":
         return None
     path = run_dir / "metrics.csv"
-    name = f"val_{metric}"
+    name = f"val_{recorded_metric(run_dir) or metric}"
     vals = [r["value"] for r in read_metrics(path) if r["metric"] == name] if path.is_file() \
         else []
     vals = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
     return vals[-1] if vals else None
+
+
+def recorded_metric(run_dir: Path) -> str | None:
+    """The primary metric's name in the run's ``summary.json`` (``None``: not recorded)."""
+    name = (read_summary(run_dir) or {}).get("metric")
+    return str(name) if name else None
 
 
 @dataclass

@@ -85,6 +85,81 @@ def test_fid_metric_name_says_which_network(tmp_path: Path) -> None:
         task.setup()  # no Inception file here: a clear error, never a silent substitute
 
 
+# --- the validation split of the GAN (task.data.val_fraction) ---------------------------------
+VAL = ["task=wgan_gp_cifar10", "optim=adamw", "scale=smoke", "task.data.val_fraction=0.25",
+       "task.fid.n_real=16", "task.fid.reference=test", "task.metric.split=test"]
+
+
+def _rows(x: torch.Tensor) -> set[bytes]:
+    return {bytes(r.flatten().tolist()) for r in x}
+
+
+def test_gan_validation_images_are_held_out_from_gan_and_classifier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held-out images are disjoint from what the GAN and the FID classifier train on and
+    from the test images; together with the GAN's pool they are the loader's training split."""
+    import experiments.fid as fid
+
+    seen: dict[str, torch.Tensor] = {}
+    real_train = fid.train_classifier
+
+    def spy(train_x: torch.Tensor, *args: object, **kw: object):
+        seen["classifier"] = train_x
+        return real_train(train_x, *args, **kw)
+
+    monkeypatch.setattr(fid, "train_classifier", spy)
+    task = build_task(compose_config([f"paths.out_dir={tmp_path}", *VAL]), CPU)
+    task.setup()
+    val, train, test = _rows(task.val_x), _rows(task.train_x), _rows(task.data.test_x)
+    assert len(task.val_x) == 16 and len(task.train_x) == 48  # 25% of the 64 synthetic images
+    assert len(val) == 16 and not val & train and not val & test
+    assert not val & _rows(seen["classifier"]) and not test & _rows(seen["classifier"])
+    assert any("validation split: 16 of the 64" in n for n in task.notes)
+
+
+def test_gan_logs_val_fid_beside_the_test_fid_and_the_protocol_selects_on_it(run_cfg) -> None:
+    """Every evaluation logs fid_classifier (test images) and val_fid_classifier (held-out
+    images) with the same generated images; the protocol reads val_<the recorded metric>."""
+    from experiments.protocol import selection_value
+
+    summary, run_dir = run_cfg([*VAL, "train.threads=1"])
+    assert summary["status"] == "ok", summary.get("error")
+    rows = [r for r in read_metrics(run_dir / "metrics.csv") if "fid" in str(r["metric"])]
+    test = [r for r in rows if r["metric"] == "fid_classifier"]
+    val = [r for r in rows if r["metric"] == "val_fid_classifier"]
+    assert test and [r["step"] for r in val] == [r["step"] for r in test]
+    assert {r["split"] for r in rows} == {"test"}
+    assert float(val[-1]["value"]) != float(test[-1]["value"])  # two reference sets
+    assert selection_value(run_dir, "fid") == pytest.approx(float(val[-1]["value"]))
+    plain, plain_dir = run_cfg(["task=wgan_gp_cifar10", "optim=adamw", "scale=smoke", "seed=1"])
+    assert plain["status"] == "ok" and selection_value(plain_dir, "fid") is None
+
+
+def test_gan_val_fid_is_computed_against_the_held_out_images(tmp_path: Path) -> None:
+    """Swapping the held-out pool for the test images makes val_fid equal to the test FID: the
+    two differ only by their real images, drawn the same way and in the same number."""
+    task = build_task(compose_config([f"paths.out_dir={tmp_path}", *VAL]), CPU)
+    task.setup()
+    model = task.build_model()
+    out = task.evaluate(model)
+    assert out["val_fid_classifier"] != out["fid_classifier"]
+    task.val_x, task._real_stats = task.data.test_x, {}
+    out = task.evaluate(model)
+    assert out["val_fid_classifier"] == pytest.approx(out["fid_classifier"], rel=1e-12)
+
+
+def test_gan_refuses_a_split_smaller_than_n_real(tmp_path: Path) -> None:
+    task = build_task(compose_config([f"paths.out_dir={tmp_path}", *VAL, "task.fid.n_real=20"]),
+                      CPU)
+    task.setup()
+    with pytest.raises(ValueError, match="n_real=20 but the val split has 16"):
+        task.evaluate(task.build_model())
+    with pytest.raises(ValueError, match="must be train or test"):
+        build_task(compose_config([f"paths.out_dir={tmp_path}", *VAL, "task.fid.reference=val"]),
+                   CPU)
+
+
 # --- WGAN / WGAN-GP ----------------------------------------------------------------------------
 def test_gradient_penalty_of_a_linear_critic() -> None:
     torch.manual_seed(0)

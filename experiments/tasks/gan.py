@@ -19,10 +19,17 @@ round, so every sub-batch gradient is taken there, and the m-th step writes the 
 weights. Weight clipping then acts on those global weights, as in the official code.
 
 Evaluation: FID of ``fid.n_fake`` generated images (fixed noise, generator in eval mode)
-against ``fid.n_real`` images of the reference split, at the end of every epoch
-(``fid.per_epoch``), every ``train.eval_every`` steps when set, and at the end. The metric is
-``fid_inception`` or ``fid_classifier`` by the feature extractor in use (see
+against ``fid.n_real`` images of the reference split (``fid.reference``: train | test), at the
+end of every epoch (``fid.per_epoch``), every ``train.eval_every`` steps when set, and at the
+end. The metric is ``fid_inception`` or ``fid_classifier`` by the feature extractor in use (see
 :mod:`experiments.fid`); the summary's notes say which network and how it was obtained.
+
+Validation split (``task.data.val_fraction``, :mod:`experiments.data.split`): that share of the
+training images is held out before ``data.train_subset`` is taken, so the generator and critic
+never train on it (nor does the suite's FID classifier), and every evaluation also logs
+``val_<metric>``: the FID of the *same* ``n_fake`` generated images against ``n_real`` of the
+held-out images, drawn as the reference ones are (``fid.seed``). Both distances use the same
+sample sizes (FID is biased by ``n``), so a split with fewer than ``n_real`` images is refused.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from torch import nn
 
 from baselines import needs_create_graph
 from experiments.data.images import ImageData, image_data_keys, load_images
+from experiments.data.split import carve_validation
 from experiments.fid import (
     ClassifierExtractor,
     FeatureExtractor,
@@ -86,12 +94,13 @@ def n_workers(opt: torch.optim.Optimizer) -> int:
 class WGAN(Task):
     """WGAN / WGAN-GP on an image dataset (``task.gan``: n_critic, clip_value, gp_weight)."""
 
-    data: ImageData
+    data: ImageData  # its train split without the held-out validation images
     train_x: torch.Tensor  # the images the GAN trains on (``data.train_subset``)
+    val_x: torch.Tensor | None  # held-out training images (``data.val_fraction``), or None
 
     @classmethod
     def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
-        return image_data_keys(data) | {"resize", "train_subset"}
+        return image_data_keys(data) | {"resize", "train_subset", "val_fraction"}
 
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
@@ -106,10 +115,13 @@ class WGAN(Task):
         self.clip_value = None if clip is None else float(clip)
         self.gp_weight = float(gp or 0.0)
         self.n_critic = int(self.gcfg.n_critic)
+        if str(self.fcfg.reference) not in ("train", "test"):
+            raise ValueError(f"task.fid.reference must be train or test, not "
+                             f"'{self.fcfg.reference}'")
         if self.n_critic < 1:
             raise ValueError(f"task.gan.n_critic must be >= 1, got {self.n_critic}")
         self.extractor: FeatureExtractor | None = None
-        self._real_stats: tuple[Any, Any] | None = None
+        self._real_stats: dict[str, tuple[Any, Any]] = {}  # split -> Gaussian of its features
 
     # --- metric: the extractor is part of its name ------------------------------------------
     @property
@@ -121,9 +133,10 @@ class WGAN(Task):
         self.data = load_images(self.tcfg.data, self.data_dir)
         if self.data.note:
             self.notes.append(self.data.note)
+        self._carve_validation()
         subset = self.tcfg.data.get("train_subset")
         if subset and not self.tcfg.data.get("synthetic") and int(subset) < len(self.data.train_x):
-            n = int(subset)  # the GAN's training images; FID references and classifier keep all
+            n = int(subset)  # the GAN's images; FID reference and classifier: all non-held-out
             self.train_x = self.data.train_x[:n]
             self.notes.append(f"GAN trained on the first {n} of {len(self.data.train_x)} images")
         else:
@@ -131,6 +144,18 @@ class WGAN(Task):
         resize = self.tcfg.data.get("resize")
         self.image_size = int(resize) if resize else int(self.data.train_x.shape[-1])
         self.extractor = self._make_extractor()
+
+    def _carve_validation(self) -> None:
+        """Move ``data.val_fraction`` of the training images into ``val_x`` (held out)."""
+        d = self.data
+        d.train_x, d.train_y, self.val_x, _ = carve_validation(
+            d.train_x, d.train_y, self.tcfg.data.get("val_fraction"))
+        if self.val_x is not None:
+            self.notes.append(
+                f"validation split: {len(self.val_x)} of the {len(self.val_x) + len(d.train_x)} "
+                f"training images held out (never trained on by the GAN or the FID classifier); "
+                f"val_{self.metric}: FID of the same generated images against "
+                f"{int(self.fcfg.n_real)} of them")
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images -> float in [-1, 1] at the model's size (bilinear, antialiased)."""
@@ -188,6 +213,8 @@ class WGAN(Task):
         data_cfg = OmegaConf.to_container(self.tcfg.data, resolve=True)
         assert isinstance(data_cfg, dict)
         data_cfg.pop("train_subset", None)  # the classifier trains on its own n_train images
+        if not data_cfg.get("val_fraction"):  # no held-out images: the classifier of old configs
+            data_cfg.pop("val_fraction", None)
         spec["data"] = data_cfg  # what the classifier was trained on is part of its identity
         dataset = "synthetic" if self.tcfg.data.get("synthetic") else str(self.tcfg.data.name)
         cache = Path(str(self.cfg.paths.cache_dir))
@@ -203,18 +230,29 @@ class WGAN(Task):
         self.notes.append(desc)
         return ClassifierExtractor(net, self.device, int(f.batch_size), desc)
 
-    def _reference_stats(self) -> tuple[Any, Any]:
-        if self._real_stats is None:
+    def _pool(self, split: str) -> torch.Tensor:
+        """The real images of ``split``: train (the non-held-out training images), test, val."""
+        pool = {"train": self.data.train_x, "test": self.data.test_x, "val": self.val_x}[split]
+        assert pool is not None
+        return pool
+
+    def _reference_stats(self, split: str) -> tuple[Any, Any]:
+        """Feature Gaussian of ``fid.n_real`` images of ``split`` (drawn with ``fid.seed``)."""
+        if split not in self._real_stats:
             assert self.extractor is not None
             f = self.fcfg
-            pool = self.data.train_x if str(f.reference) == "train" else self.data.test_x
+            pool, n_real = self._pool(split), int(f.n_real)
+            if len(pool) < n_real:
+                raise ValueError(
+                    f"task.fid.n_real={n_real} but the {split} split has {len(pool)} images: "
+                    f"FID is biased by the sample size, so every split needs n_real images")
             g = torch.Generator().manual_seed(int(f.seed))
-            idx = torch.randperm(len(pool), generator=g)[: int(f.n_real)]
+            idx = torch.randperm(len(pool), generator=g)[:n_real]
             x = torch.cat(
                 [self.to_input(pool[idx[i : i + 1024]]) for i in range(0, len(idx), 1024)]
             )
-            self._real_stats = gaussian_stats(self.extractor(x))
-        return self._real_stats
+            self._real_stats[split] = gaussian_stats(self.extractor(x))
+        return self._real_stats[split]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -234,13 +272,15 @@ class WGAN(Task):
         # The generator's output (eval mode: BN running statistics) is watched too: when it is
         # non-finite the FID is undefined (nan), so the run ends `diverged`, not with an error.
         out = {"generator_abs_max": float(fake.abs().max())}
+        names = {self.metric: str(f.reference)}  # metric -> split of its real images
+        if self.val_x is not None:
+            names[f"val_{self.metric}"] = "val"
         if not math.isfinite(out["generator_abs_max"]):
-            return {**out, self.metric: math.nan}
-        mu, sigma = self._reference_stats()
-        return {
-            **out,
-            self.metric: frechet_distance(mu, sigma, *gaussian_stats(self.extractor(fake))),
-        }
+            return {**out, **dict.fromkeys(names, math.nan)}
+        fake_stats = gaussian_stats(self.extractor(fake))
+        for name, split in names.items():
+            out[name] = frechet_distance(*self._reference_stats(split), *fake_stats)
+        return out
 
     # --- the loop -----------------------------------------------------------------------
     def _noise(self, n: int, z_dim: int) -> torch.Tensor:
