@@ -76,6 +76,18 @@ def test_verdicts_lists_run_and_not_yet_run_claims(tmp_path: Path, capsys) -> No
     assert "sisa 90; best baseline adam 80 | **supported** | cut to 1 layer | `cmd` |" in text
     assert "| fig2_gpt2 |" in text and "not run yet" in text  # a claim with no artefact yet
     assert "| table6_lstm |" not in text
+    # an artefact rendered before its seeds finished keeps its row, said unfinished
+    (out / "b").mkdir()
+    (out / "b" / "verdict.json").write_text(json.dumps({
+        "artefact": "fig1_vision", "title": "V", "claim": "SISA sees", "command": "cmd2",
+        "scale": "small", "caveats": [], "records": [], "runs": {"ok": 3, "not started": 9},
+        "protocol": {"trials": 5, "seeds": 5}}))
+    assert reproduce(["verdicts", "--results-dir", str(out)]) == 0
+    text = (out / "VERDICTS.md").read_text()
+    assert ("| [fig1_vision](b/README.md) | SISA sees | small; 5 trials + 5 seeds per arm | – | "
+            "not finished | no verdict yet (3 ok, 9 not started): rerun the command | `cmd2` |"
+            ) in text
+    assert "| fig1_vision |" not in text
 
 
 def test_only_incomplete_runs_are_relaunched(tmp_path: Path, run_cfg) -> None:

@@ -455,10 +455,14 @@ def verdicts_markdown(results_dir: Path) -> str:
         sp = info["protocol"]
         setup = (f"{info['scale']}; {sp['trials']} trials + {sp['seeds']} seeds per arm"
                  if sp["trials"] else f"{info['scale']}; untuned, {sp['seeds']} seeds per arm")
+        link = f"[{info['artefact']}]({path.parent.name}/README.md)"
+        if not info["records"]:  # rendered before its seeds finished
+            runs = ", ".join(f"{v} {k}" for k, v in info.get("runs", {}).items())
+            lines.append(f"| {link} | {info['claim']} | {setup} | – | not finished | "
+                         f"no verdict yet ({runs}): rerun the command | `{info['command']}` |")
         for r in info["records"]:
             nums = numbers(r, sp)
             cav = "; ".join(info["caveats"][:2]) or "–"
-            link = f"[{info['artefact']}]({path.parent.name}/README.md)"
             lines.append(f"| {link} | {info['claim']} | {r['task']}, "
                          f"{ROLE_NAMES[r['role']]}; {setup} | {nums} | **{r['verdict']}** | "
                          f"{cav} | `{info['command']}` |")
