@@ -128,6 +128,9 @@ def test_compact_vocabulary() -> None:
     (train, val), v, table = text.compact_vocabulary(train_ids, val_ids)
     assert v == 4 and train.tolist() == [1, 0, 1, 2] and val.tolist() == [0, 3, 2]
     assert table[[7, 50, 900, 3]].tolist() == [0, 1, 2, 3]
+    (train2, none, val2), v2, _ = text.compact_vocabulary(train_ids, None, val_ids)
+    assert none is None and v2 == 4  # an absent split comes back as None
+    assert train2.tolist() == train.tolist() and val2.tolist() == val.tolist()
 
 
 # --- PTB corpus --------------------------------------------------------------------------------

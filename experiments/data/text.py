@@ -147,18 +147,20 @@ def encode(tokenizer: object, text: str) -> list[int]:
 
 
 def compact_vocabulary(
-    train: np.ndarray, *others: np.ndarray
-) -> tuple[list[np.ndarray], int, np.ndarray]:
+    train: np.ndarray, *others: np.ndarray | None
+) -> tuple[list[np.ndarray | None], int, np.ndarray]:
     """Renumber token ids by rank among the ids present in ``train``; unseen ids -> one extra id.
 
-    Returns the renumbered arrays (train first), the new vocabulary size and the lookup table
+    Returns the renumbered arrays (train first; a ``None`` among ``others``, e.g. an absent
+    validation split, comes back as ``None``), the new vocabulary size and the lookup table
     (old id -> new id). Used at small scale to keep the softmax over the ~10k GPT-2 tokens a
     small corpus uses instead of all 50,257.
     """
+    arrays = [a for a in (train, *others) if a is not None]
     used = np.unique(train)
-    table = np.full(int(max(a.max(initial=0) for a in (train, *others))) + 1, len(used), np.int64)
+    table = np.full(int(max(a.max(initial=0) for a in arrays)) + 1, len(used), np.int64)
     table[used] = np.arange(len(used))
-    return [table[a] for a in (train, *others)], len(used) + 1, table
+    return [None if a is None else table[a] for a in (train, *others)], len(used) + 1, table
 
 
 # --- word corpora (PTB) ----------------------------------------------------------------------

@@ -149,9 +149,7 @@ class GPTPretraining(Task):
         vocab = 50257
         [train], select = self._carve([train])
         if d.get("compact_vocab"):
-            rest = [val] if select is None else [val, select]
-            (train, val, *sel), vocab, _ = text.compact_vocabulary(train, *rest)
-            select = sel[0] if sel else None
+            (train, val, select), vocab, _ = text.compact_vocabulary(train, val, select)
             self.notes.append(
                 f"vocabulary compacted to the {vocab - 1} GPT-2 tokens present in the training "
                 "text (+1 id for validation tokens unseen in training), a CPU-sized softmax")
@@ -279,14 +277,11 @@ class GPT2Finetune(Task):
                 f"validation split for selection: {len(sel)} of the training recipes "
                 f"(val_loss / val_ppl); loss / ppl are on the {len(self.val_ids)} held-out ones")
         if d.get("compact_vocab") and self.pretrained is None and not d.synthetic:
-            rest = [self.val_ids.numpy()]
-            if self.select_ids is not None:
-                rest.append(self.select_ids.numpy())
-            (tr, va, *sel_ids), self.vocab_size, table = text.compact_vocabulary(
-                self.train_ids.numpy(), *rest)
+            sel = None if self.select_ids is None else self.select_ids.numpy()
+            (tr, va, sel), self.vocab_size, table = text.compact_vocabulary(
+                self.train_ids.numpy(), self.val_ids.numpy(), sel)
             self.train_ids, self.val_ids = torch.from_numpy(tr), torch.from_numpy(va)
-            if sel_ids:
-                self.select_ids = torch.from_numpy(sel_ids[0])
+            self.select_ids = None if sel is None else torch.from_numpy(sel)
             self.pad_id = int(table[self.pad_id])
             self.bos_id = int(table[self.bos_id]) if self.bos_id is not None else None
             self.eos_id = int(table[self.eos_id]) if self.eos_id is not None else None
