@@ -128,6 +128,10 @@ def _check_task(cfg: DictConfig) -> None:
     if limit is not None and (not _is_number(limit) or not limit > 0):
         raise ConfigError("task.explode_above", limit, "a number > 0 or null (the default)")
     data = cfg.task.get("data")
+    frac = data.get("val_fraction") if isinstance(data, DictConfig) else None
+    if frac is not None and (not _is_number(frac) or not 0 <= frac < 1):
+        raise ConfigError("task.data.val_fraction", frac,
+                          "a number in [0, 1) or null (no validation split)")
     if isinstance(data, DictConfig):
         accepted_keys = getattr(cls, "accepted_data_keys", None)
         accepted = accepted_keys(data) if accepted_keys is not None else None

@@ -44,6 +44,7 @@ REAL = ["task.data.synthetic=false"]  # the shipped MNIST loader (smoke scale: s
         (["train.schedule.name=cos"], "train.schedule.name='cos'", "constant, step, cosine"),
         (["train.precision=fp8"], "train.precision='fp8'", "auto, bf16, fp32"),
         (["+task.explode_above=-1"], "task.explode_above=-1", "a number > 0"),
+        (["task.data.val_fraction=1.5"], "task.data.val_fraction=1.5", "a number in [0, 1)"),
         (["task.data.name=nope"], "task.data.name='nope'", "fashion_mnist, mnist"),
         (["+task.data.bogus=1"], "task.data.bogus=1", "its keys are augment, n_test"),
         ([*REAL, "+task.data.n_test=5"], "task.data.n_test=5", "dataset 'mnist_shipped'"),

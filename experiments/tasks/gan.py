@@ -47,6 +47,7 @@ from torch import nn
 from baselines import needs_create_graph
 from experiments.data.images import ImageData, image_data_keys, load_images
 from experiments.data.split import carve_validation
+from experiments.errors import ConfigError
 from experiments.fid import (
     ClassifierExtractor,
     FeatureExtractor,
@@ -115,9 +116,8 @@ class WGAN(Task):
         self.clip_value = None if clip is None else float(clip)
         self.gp_weight = float(gp or 0.0)
         self.n_critic = int(self.gcfg.n_critic)
-        if str(self.fcfg.reference) not in ("train", "test"):
-            raise ValueError(f"task.fid.reference must be train or test, not "
-                             f"'{self.fcfg.reference}'")
+        if str(self.fcfg.reference) not in ("train", "test"):  # before any run directory
+            raise ConfigError("task.fid.reference", self.fcfg.reference, "must be train or test")
         if self.n_critic < 1:
             raise ValueError(f"task.gan.n_critic must be >= 1, got {self.n_critic}")
         self.extractor: FeatureExtractor | None = None
