@@ -78,6 +78,7 @@ SUMMARY_FIELDS = {
     "notes": "list of plain-language remarks (e.g. substitute data, untrained start)",
     "identity": "hash of the run's identity: its resolved config minus seed, paths, bookkeeping",
     "family": "consensus (a PISA-family optimizer) | baseline",
+    "ns_dtype": "dtype(s) Newton-Schulz ran in, as resolved for the run's device (None: no NS)",
     "metric_rows": "rows in metrics.csv when the summary was written (integrity check)",
 }
 PACKAGES = (

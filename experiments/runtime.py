@@ -123,6 +123,23 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return tensor_bytes(opt.state_dict())
 
 
+def ns_dtypes(opt: torch.optim.Optimizer) -> str | None:
+    """The dtype(s) an optimizer's Newton-Schulz iterations run in, as resolved for the devices
+    and dtypes of its matrices (``ns_dtype: null`` in a config means "the device's default",
+    :func:`pisa.newton_schulz.default_ns_dtype`), comma-joined; None without Newton-Schulz.
+    The identity of a run leaves the device out, so this is what records the rounding."""
+    from pisa.newton_schulz import default_ns_dtype
+
+    names = {
+        str(group["ns_dtype"] or default_ns_dtype(p.device, p.dtype)).removeprefix("torch.")
+        for group in opt.param_groups
+        if "ns_dtype" in group
+        for p in group["params"]
+        if p.ndim >= 2 and p.numel() > 0
+    }
+    return ",".join(sorted(names)) or None
+
+
 def workers_per_round(opt: Any) -> int:
     """Steps per optimizer round in one process: ``opt.n_workers`` for a consensus (PISA-family)
     optimizer, else 1 (under torchrun a rank is one worker: the trainer uses 1)."""

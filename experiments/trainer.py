@@ -48,6 +48,7 @@ from experiments.record import RunRecord
 from experiments.runtime import (
     Dist,
     autocast,
+    ns_dtypes,
     optimizer_state_bytes,
     peak_memory_bytes,
     reset_peak_memory,
@@ -204,8 +205,10 @@ class Trainer:
                 f"'{self.task.tcfg.name}' has its own loop (set train.grad_accum=1)"
             )
         opt = build_optimizer(model, ocfg)
-        if self.record is not None and optim_cfg is None:
-            self.record.update(family="consensus" if is_consensus(opt) else "baseline")
+        if self.record is not None and str(ocfg.name) == str(self.cfg.optim.name):
+            # the run's optimizer (as configured, or derived from it: FL's ADMM clients)
+            self.record.update(family="consensus" if is_consensus(opt) else "baseline",
+                               ns_dtype=ns_dtypes(opt))
         self._built.append((model, opt))
         return opt
 

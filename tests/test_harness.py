@@ -190,3 +190,25 @@ def test_companion_routes_any_optimizer() -> None:
     assert main_ids == {id(model[1].weight)}
     assert isinstance(opt.companion, torch.optim.AdamW)
     assert "shampoo" in type(opt.main).__name__.lower()
+
+
+def test_ns_dtypes_records_the_resolved_newton_schulz_dtype() -> None:
+    """``ns_dtype: null`` resolves per device and dtype (float32 on CPU, float64 for float64
+    matrices); an explicit dtype is recorded as set; optimizers without Newton-Schulz give None."""
+    import torch
+
+    from experiments.runtime import ns_dtypes
+    from pisa import NSISA, SISA
+
+    def mats(dtype: torch.dtype) -> list[torch.nn.Parameter]:
+        return [torch.nn.Parameter(torch.randn(4, 3, dtype=dtype)),
+                torch.nn.Parameter(torch.randn(3, dtype=dtype))]
+
+    assert ns_dtypes(NSISA(mats(torch.float32))) == "float32"
+    assert ns_dtypes(NSISA(mats(torch.float64))) == "float64"
+    assert ns_dtypes(NSISA(mats(torch.float32), ns_dtype="bfloat16")) == "bfloat16"
+    mixed = NSISA([{"params": mats(torch.float32)},
+                   {"params": mats(torch.float32), "ns_dtype": torch.bfloat16}])
+    assert ns_dtypes(mixed) == "bfloat16,float32"
+    assert ns_dtypes(SISA(mats(torch.float32))) is None
+    assert ns_dtypes(torch.optim.AdamW(mats(torch.float32))) is None

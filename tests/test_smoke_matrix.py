@@ -38,6 +38,10 @@ def test_smoke(task: str, optim: str, run_cfg) -> None:
     assert summary["steps"] and summary["steps"] > 0
     assert summary["n_params"] and summary["n_params"] > 0
     assert summary["optimizer_state_bytes"] is not None
+    # the Newton-Schulz dtype as resolved on this CPU (float32), recorded for NSISA and Muon-like
+    # runs only: the identity leaves the device, and so this rounding, out
+    assert summary["ns_dtype"] == ("float32" if optim == "nsisa" else None)
+    assert summary["family"] == ("consensus" if optim in ("pisa", "sisa", "nsisa") else "baseline")
     if summary["status"] == "ok":
         assert summary["final_metric"] is not None and math.isfinite(summary["final_metric"])
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
