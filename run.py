@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from experiments.errors import exit_code, one_line_errors
-from experiments.sweep import JOB_STATUSES, job_entry
+from experiments.launch.job import JOB_STATUSES, job_entry
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -47,9 +47,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.launch.plan import Plan, Point, composer
 from experiments.record import run_dir_for
 from experiments.rundir import read_metrics, read_summary, run_status
-from experiments.sweep import Plan, Point, _composer
 
 FINISHED = ("ok", "diverged", "failed")  # outcomes a protocol stage can rely on
 
@@ -407,7 +407,7 @@ def drive(
     the same call resumes. ``compose(overrides)``: the config of a point (default: Hydra's, as
     run.py composes it)."""
     if compose is None:
-        with _composer() as hydra_compose:
+        with composer() as hydra_compose:
             return _drive(plan_, spec, launch, echo, hydra_compose)
     return _drive(plan_, spec, launch, echo, compose)
 

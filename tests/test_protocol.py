@@ -30,9 +30,9 @@ from experiments.analysis.verdict import (
     impute_failures,
     overall,
 )
+from experiments.launch.plan import Plan, Point
 from experiments.protocol import ProtocolSpec, drive, lr_overrides, multipliers, selection_value
 from experiments.rundir import METRIC_COLUMNS
-from experiments.sweep import Plan, Point
 
 # --- trial expansion --------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""scripts/reproduce.py and experiments/sweep.py: expansion, the skip/resume filter, local runs,
+"""scripts/reproduce.py and experiments/launch/: expansion, the skip/resume filter, local runs,
 rendering, the equal-budget lr grid and the USR2 -> checkpoint bridge of launched jobs."""
 
 from __future__ import annotations
@@ -17,11 +17,16 @@ import pytest
 import yaml
 
 from experiments.config import CONF_DIR, compose_config, group_options
+from experiments.launch.job import job_entry
+from experiments.launch.launchers import launch_local
+from experiments.launch.ledger import claim
+from experiments.launch.plan import expand, plan
+from experiments.launch.reproduce import main as reproduce
+from experiments.launch.reproduce import relabel, tuning_table
 from experiments.record import run_dir_for
-from experiments.reproduce import main as reproduce
-from experiments.reproduce import relabel, tuning_table
 from experiments.rundir import atomic_write_json, read_json
-from experiments.sweep import claim, expand, job_entry, launch_local, plan
+
+REPO = CONF_DIR.parent
 
 SMOKE = ["--scale", "smoke"]
 
@@ -304,3 +309,26 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_planned_sweeper_launches_exactly_the_plan_file_jobs(tmp_path: Path) -> None:
+    """``run.py -m hydra/sweeper=planned``: the jobs of the plan file, no more (the
+    experiment's own ``hydra.sweeper.params`` would make 4 x 3 runs), through Hydra's basic
+    launcher here (the launch layer passes submitit_local or slurm instead)."""
+    out = tmp_path / "out"
+    jobs = [["experiment=quickstart", "scale=smoke", f"paths.out_dir={out}", "optim=adamw",
+             "seed=1"],
+            ["experiment=quickstart", "scale=smoke", f"paths.out_dir={out}", "optim=sisa",
+             "seed=0"]]
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"jobs": jobs}))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), "-m", "hydra/sweeper=planned",
+         f"hydra.sweeper.plan_file={plan_file}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+         "experiment=quickstart", "scale=smoke", f"paths.out_dir={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted((out / "runs").rglob("summary.json"))
+    got = sorted((json.loads(s.read_text())["optim"], json.loads(s.read_text())["seed"])
+                 for s in summaries)
+    assert got == [("adamw", 1), ("sisa", 0)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.sweep import plan
+from experiments.launch.plan import plan
 
 pytestmark = pytest.mark.slurm
 

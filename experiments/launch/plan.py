@@ -1,4 +1,5 @@
-"""Sweeps: expand an ``experiment=`` config into runs, drop finished ones, launch the rest.
+"""The plan of a sweep: an ``experiment=`` config expanded into points, each with its run
+directory and status, before anything runs.
 
 An experiment (``conf/experiment/<name>.yaml``) names its sweep the way Hydra's basic sweeper
 reads it, ``hydra.sweeper.params`` (``optim: sisa,adamw``, ``seed: 0,1,2``), so that
@@ -15,44 +16,30 @@ a plain cartesian product cannot say (read by :func:`plan`, ignored by run.py)::
       split_task_by: {layers: task.model.num_layers}  # variants of one task: own table rows
       split_optim_by: {method: fl.method}             # variants of one optimizer: own rows
 
-Every point is composed exactly as ``run.py`` would compose it, so its run directory
-(:func:`experiments.record.run_dir_for`) is known before anything runs. Points whose run is
-finished (status ok / diverged) are skipped; points a live launcher is already running
-(the in-flight ledger under ``<out_dir>/runs/<name>/.inflight/``) are skipped too; the rest are
-launched: in this process one after the other (``local``) or as one job each through a Hydra
-launcher plugin (``submitit_local``, ``slurm``), the way Hydra's basic sweeper calls it. Running
-the same command again therefore relaunches exactly the incomplete runs, which resume from
-their checkpoints.
+Every point is composed exactly as ``run.py`` would compose it (Hydra's compose API), so its
+run directory (:func:`experiments.record.run_dir_for`) is known before anything runs. Points
+whose run is finished (status ok / diverged) are skipped; points a live launcher is already
+running (:mod:`experiments.launch.ledger`) are skipped too; the rest go to a launcher
+(:mod:`experiments.launch.launchers`). Running the same command again therefore relaunches
+exactly the incomplete runs, which resume from their checkpoints.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import os
-import signal
-import socket
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import stop
 from experiments.config import CONF_DIR
+from experiments.launch.ledger import read_in_flight
 from experiments.record import run_dir_for
-from experiments.rundir import OUTCOMES, atomic_write_json, read_json, run_status
-
-log = logging.getLogger("pisa-bench")
-
-LAUNCHERS = {"local": None, "submitit_local": "submitit_local", "slurm": "slurm"}
-INFLIGHT_DIR = ".inflight"
+from experiments.rundir import OUTCOMES, run_status
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -147,7 +134,7 @@ def is_hydra_override(o: str) -> bool:
 
 
 @contextmanager
-def _composer() -> Iterator[Callable[..., DictConfig]]:
+def composer() -> Iterator[Callable[..., DictConfig]]:
     """``compose(overrides, with_hydra=False)`` inside one Hydra initialisation (fast)."""
     from hydra import compose, initialize_config_dir
 
@@ -240,7 +227,7 @@ def plan(
         base.append(f"scale={scale}")
     points: list[Point] = []
     seen: set[Path] = set()
-    with _composer() as compose:
+    with composer() as compose:
         if out_dir is None:  # pin the configured out_dir as an absolute path (jobs agree)
             out_dir = str(compose(base).paths.out_dir)
         base.append(f"paths.out_dir={Path(out_dir).resolve()}")
@@ -274,215 +261,3 @@ def plan(
              hydra_overrides=hydra_ovr, meta=meta, points=points)
     p.in_flight = read_in_flight(p.runs_root)
     return p
-
-
-# --- the in-flight ledger ---------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_in_flight(runs_root: Path) -> dict[Path, dict[str, Any]]:
-    """Run dirs claimed by live launchers (stale entries of dead processes are removed)."""
-    out: dict[Path, dict[str, Any]] = {}
-    d = runs_root / INFLIGHT_DIR
-    if not d.is_dir():
-        return out
-    for f in sorted(d.glob("*.json")):
-        try:
-            entry = read_json(f)
-        except (OSError, ValueError):
-            continue
-        if entry.get("host") == socket.gethostname() and not _pid_alive(int(entry.get("pid", -1))):
-            f.unlink(missing_ok=True)  # its launcher is gone: its runs are fair game again
-            continue
-        if entry.get("pid") == os.getpid() and entry.get("host") == socket.gethostname():
-            continue
-        for r in entry.get("run_dirs", []):
-            out[Path(r)] = {**entry, "ledger": str(f)}
-    return out
-
-
-def claim(plan_: Plan, points: Sequence[Point], pid: int | None = None, **info: Any) -> Path:
-    """Write the ledger entry saying that process ``pid`` (default: this one) runs ``points``."""
-    pid = os.getpid() if pid is None else pid
-    d = plan_.runs_root / INFLIGHT_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{socket.gethostname()}-{pid}.json"
-    atomic_write_json(path, {
-        "pid": pid, "host": socket.gethostname(),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv), **info,
-        "run_dirs": [str(p.run_dir) for p in points],
-    })
-    return path
-
-
-@contextmanager
-def in_flight(plan_: Plan, points: Sequence[Point], **info: Any) -> Iterator[Path]:
-    """Claim ``points`` for this process while it launches / waits for them."""
-    path = claim(plan_, points, **info)
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-
-
-# --- launching --------------------------------------------------------------------------------
-def launch_local(
-    points: Sequence[Point], echo: Callable[[str], None] = print
-) -> dict[str, int]:
-    """Run ``points`` one after the other in this process; returns counts per final status.
-
-    A failing run is recorded (status failed) and the sweep goes on; a signal (Ctrl-C, SIGTERM)
-    checkpoints the running one and launches nothing more: the same command resumes the sweep.
-    """
-    from experiments.main import execute
-
-    counts: dict[str, int] = {}
-    n = len(points)
-    with stop.handle_signals():
-        for i, p in enumerate(points, 1):
-            if stop.STOP.is_set():
-                counts["not started"] = n - i + 1
-                echo(f"stopped by a signal: {n - i + 1} runs not started; run the same command "
-                     "to resume")
-                break
-            how = "resume" if p.status is not None else "start"
-            echo(f"[{i}/{n}] {p.label} ({how}) ...")
-            t0 = time.perf_counter()
-            try:
-                summary = execute(p.cfg)
-                status = str(summary.get("status"))
-                detail = f"{summary.get('metric')}={_fmt(summary.get('final_metric'))}"
-            except Exception as e:  # recorded as failed by execute(); keep going
-                status, detail = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            counts[status] = counts.get(status, 0) + 1
-            echo(f"[{i}/{n}] {p.label}: {status}, {detail} ({time.perf_counter() - t0:.1f} s)")
-            if status == "preempted":
-                echo("interrupted: the run saved a checkpoint; run the same command to resume")
-                break
-    return counts
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
-
-
-def launch_hydra(
-    plan_: Plan, points: Sequence[Point], launcher: str, echo: Callable[[str], None] = print
-) -> dict[str, int]:
-    """Launch ``points`` as one job each through the Hydra launcher plugin ``launcher``
-    (``hydra/launcher=<launcher>``) and wait for them; returns counts per final status (read
-    back from the run directories, the record that survives requeues)."""
-    from hydra._internal.callbacks import Callbacks
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.plugins import Plugins
-    from hydra.types import HydraContext, RunMode
-
-    hydra_ovr = [f"hydra/launcher={launcher}",
-                 *(o for o in plan_.hydra_overrides if not o.startswith("hydra/launcher="))]
-    GlobalHydra.instance().clear()
-    try:
-        hy = Hydra.create_main_hydra2(
-            task_name="run", config_search_path=create_config_search_path(f"file://{CONF_DIR}"))
-        cfg = hy.compose_config("config", overrides=[*hydra_ovr, *plan_.base_overrides],
-                                run_mode=RunMode.MULTIRUN, with_log_configuration=False)
-        HydraConfig.instance().set_config(cfg)
-        sweep_dir = Path(str(cfg.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
-        echo(f"launching {len(points)} jobs with hydra/launcher={launcher}; job logs under "
-             f"{sweep_dir}/.submitit/")
-        ctx = HydraContext(config_loader=hy.config_loader, callbacks=Callbacks(cfg))
-        job_launcher = Plugins.instance().instantiate_launcher(
-            config=cfg, hydra_context=ctx, task_function=job_entry)
-        try:
-            with in_flight(plan_, points, launcher=launcher, sweep_dir=str(sweep_dir)):
-                job_launcher.launch([p.overrides for p in points], initial_job_idx=0)
-        except Exception as e:  # e.g. submitit's UncompletedJobError: report, read the records
-            echo(f"launcher error: {type(e).__name__}: {e}")
-    finally:
-        GlobalHydra.instance().clear()
-    counts: dict[str, int] = {}
-    for p in points:
-        s = str(run_status(p.run_dir))
-        counts[s] = counts.get(s, 0) + 1
-    return counts
-
-
-# --- inside a launched job --------------------------------------------------------------------
-def _export_torch_distributed() -> None:
-    """In a multi-task submitit job (``hydra.launcher.nodes`` x ``tasks_per_node`` > 1: one task
-    per GPU), export the torchrun variables that :func:`experiments.runtime.init_distributed`
-    reads: RANK = SLURM_PROCID, LOCAL_RANK = SLURM_LOCALID (the GPU of the node the task uses; the
-    tasks of a node share its GPUs), WORLD_SIZE = SLURM_NTASKS, MASTER_ADDR = the job's first
-    node, MASTER_PORT = the environment's if set (the same on every node), else one drawn from the
-    job id. Existing MASTER_* values are replaced by these (submitit would refuse them)."""
-    if not os.environ.get("SUBMITIT_EXECUTOR") or "WORLD_SIZE" in os.environ:
-        return
-    import submitit
-
-    if submitit.JobEnvironment().num_tasks > 1:
-        submitit.helpers.TorchDistributedEnvironment().export(
-            set_cuda_visible_devices=False, overwrite=True)
-
-
-#: Final statuses of the jobs this process ran (run.py's exit code is derived from them).
-JOB_STATUSES: list[str] = []
-
-
-def job_entry(cfg: DictConfig) -> dict[str, Any]:
-    """Task function of run.py and of launcher jobs: :func:`experiments.main.execute` under the
-    process's stop request (:mod:`experiments.stop`).
-
-    SIGINT / SIGTERM ask the running job to checkpoint and stop, and a local sweep (``run.py
-    -m``: jobs one after the other in this process) to launch nothing more: each later job
-    returns ``{"status": "not started"}`` at once; the same command resumes the sweep.
-
-    SLURM sends SIGUSR2 ``signal_delay_s`` before a job's time limit; submitit's own handler
-    would requeue at once, killing the training mid-step. Here USR2 sets the stop request as well
-    (checkpoint at the end of the step, status ``preempted``); once execute() has returned,
-    submitit's handler requeues the job, which resumes the run from ``ckpt/``.
-    """
-    from experiments.main import execute
-
-    _export_torch_distributed()
-    if stop.STOP.is_set():
-        log.warning("not started (this process was asked to stop): %s", run_dir_for(cfg))
-        JOB_STATUSES.append("not started")
-        return {"status": "not started"}
-    if threading.current_thread() is not threading.main_thread():
-        return execute(cfg)
-    asked: list[Any] = []
-    previous = signal.getsignal(signal.SIGUSR2)
-
-    def on_usr2(signum: int, frame: Any) -> None:
-        log.warning("signal %d (time limit / preemption): checkpointing, then requeueing", signum)
-        asked.append(frame)
-        stop.STOP.set()
-
-    signal.signal(signal.SIGUSR2, on_usr2)
-    status = "failed"
-    try:
-        with stop.handle_signals():
-            summary = execute(cfg)
-        status = str(summary.get("status"))
-    except OSError as e:
-        if e.filename or e.errno is None:
-            raise
-        raise OSError(e.errno, e.strerror, str(run_dir_for(cfg))) from e  # name the run
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
-        JOB_STATUSES.append(status)
-    if asked and summary.get("status") == "preempted" and callable(previous):
-        previous(signal.SIGUSR2, asked[0])  # submitit: requeue (or give up) and exit
-    return summary

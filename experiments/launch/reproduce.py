@@ -7,7 +7,7 @@ finished runs, then collect the runs and render them into ``results/<artefact>/`
     python scripts/reproduce.py fig1_vision --dry-run          # list the runs and their state
 
 An artefact is an experiment config, ``conf/experiment/<artefact>.yaml`` (see
-:mod:`experiments.sweep` for its keys). Resuming is the same command again: finished runs
+:mod:`experiments.launch.plan` for its keys). Resuming is the same command again: finished runs
 (ok / diverged) are skipped before anything is launched, interrupted or failed ones resume
 from their checkpoints. Extra arguments are run.py overrides: ``optim=sisa,adamw`` replaces a
 sweep dimension, ``train.max_steps=50`` applies to every run, ``hydra.launcher.partition=gpu``
@@ -39,17 +39,10 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from experiments.config import CONF_DIR, group_options
+from experiments.launch.launchers import LAUNCHERS, launch
+from experiments.launch.ledger import claim
+from experiments.launch.plan import Plan, Point, composer, plan
 from experiments.protocol import ProtocolSpec, bracket_label, drive, select_key
-from experiments.sweep import (
-    LAUNCHERS,
-    Plan,
-    Point,
-    claim,
-    in_flight,
-    launch_hydra,
-    launch_local,
-    plan,
-)
 
 REPO = CONF_DIR.parent
 DEFAULT_RESULTS = REPO / "results"
@@ -163,9 +156,7 @@ def render_plan(p: Plan, results_dir: str | os.PathLike, artefact: str) -> tuple
 
 def report_dir_name(p: Plan, artefact: str) -> str:
     """``<artefact>`` at the experiment's own scale, ``<artefact>_<scale>`` otherwise."""
-    from experiments.sweep import _composer
-
-    with _composer() as compose:
+    with composer() as compose:
         default_scale = str(compose([f"experiment={artefact}"]).scale)
     return artefact if p.scale == default_scale else f"{artefact}_{p.scale}"
 
@@ -266,11 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.collect_only and p.todo:
         if args.no_wait:
             return _detach(args, argv, p)
-        if args.launcher == "local":
-            with in_flight(p, p.todo, launcher="local"):
-                launch_local(p.todo)
-        else:
-            launch_hydra(p, p.todo, str(LAUNCHERS[args.launcher]))
+        launch(p, p.todo, args.launcher)
         p.refresh()
     _, text = render_plan(p, args.results_dir, args.artefact)
     print(text)
@@ -293,10 +280,8 @@ VERDICTS = "verdicts"  # pseudo-artefact: regenerate results/VERDICTS.md from co
 
 def protocol_spec(artefact: str, scale: str | None) -> ProtocolSpec | None:
     """The artefact's ``reproduce.protocol`` (``None``: a plain sweep)."""
-    from experiments.sweep import _composer
-
     base = [f"experiment={artefact}", *([f"scale={scale}"] if scale else [])]
-    with _composer() as compose:
+    with composer() as compose:
         node = compose(base).get("reproduce")
     meta = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     assert isinstance(meta, dict)
@@ -314,18 +299,14 @@ def run_protocol(args: argparse.Namespace, spec: ProtocolSpec, t0: float) -> int
         spec.validate()
     p = plan(args.artefact, args.scale, 1, args.out_dir, args.overrides)
 
-    def launch(points: Sequence[Point]) -> None:
-        if args.launcher == "local":
-            with in_flight(p, points, launcher="local"):
-                launch_local(points)
-        else:
-            launch_hydra(p, points, str(LAUNCHERS[args.launcher]))
+    def run_points(points: Sequence[Point]) -> None:
+        launch(p, points, args.launcher)
 
     if args.no_wait:
         print("--no-wait is not available for protocol artefacts (stages depend on each other)",
               file=sys.stderr)
         return 2
-    run = None if (args.dry_run or args.collect_only) else launch
+    run = None if (args.dry_run or args.collect_only) else run_points
     proto = drive(p, spec, run)
     points = proto.points()
     if args.dry_run:

@@ -1,0 +1,2 @@
+"""A Hydra Sweeper plugin that launches a precomputed list of jobs
+(conf/hydra/sweeper/planned.yaml)."""
