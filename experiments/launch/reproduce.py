@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     unfinished = [pt for pt in p.points if not pt.finished]
     failed = [pt for pt in p.points if pt.status == "failed"]
     for pt in failed:
-        err = str(_read_summary(pt.run_dir).get("error") or "").splitlines()
+        err = str(_summary_or_empty(pt.run_dir).get("error") or "").splitlines()
         print(f"failed: {pt.label}: {err[-1] if err else '?'}\n        {pt.run_dir}")
     print(f"{len(p.points) - len(unfinished)}/{len(p.points)} runs finished"
           + (f", {len(failed)} failed (the same command retries them)" if failed else "")
@@ -351,12 +351,13 @@ def write_verdicts(results_dir: Path) -> int:
     return 0
 
 
-def _read_summary(run_dir: Path) -> dict[str, Any]:
-    from experiments.rundir import read_json
+def _summary_or_empty(run_dir: Path) -> dict[str, Any]:
+    """The run's summary (:func:`experiments.rundir.read_summary`), ``{}`` if absent or broken."""
+    from experiments.rundir import UnreadableRecord, read_summary
 
     try:
-        return read_json(run_dir / "summary.json")
-    except (OSError, ValueError):
+        return read_summary(run_dir) or {}
+    except UnreadableRecord:
         return {}
 
 
