@@ -208,7 +208,12 @@ def _sweep_blocks(data: dict) -> list[dict]:
 def test_experiment_sweeps_name_existing_configs(experiment: str) -> None:
     """Every task / optim / fl value an experiment sweeps over exists in conf/."""
     data = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())
-    assert data.get("name") == experiment
+    parents = [e for e in data.get("defaults") or [] if isinstance(e, str) and e != "_self_"]
+    # its own run directories (name = the experiment), or a variant of one parent experiment
+    # that reads the parent's (table6_lstm2: the 2-layer rows of table6_lstm)
+    assert data.get("name") == experiment or (
+        "name" not in data and len(parents) == 1 and parents[0] in group_options("experiment")
+    ), f"{experiment}: name must be the experiment's, or inherited from one parent experiment"
     missing = set()
     for entry in data.get("defaults") or []:  # e.g. {"override /task": "vgg11_cifar10"}
         for k, v in (entry.items() if isinstance(entry, dict) else ()):
