@@ -24,6 +24,13 @@ from torch import nn
 import pisa
 
 pytestmark = pytest.mark.compiled
+DEFAULT_MIN_NUMEL = pisa.PISA.fused_min_numel
+
+
+@pytest.fixture(autouse=True)
+def _every_tensor_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tensors here are tiny: lower the size below which the foreach path is taken."""
+    monkeypatch.setattr(pisa.PISA, "fused_min_numel", 1)
 
 ROUNDS = 100
 SHAPES = [(6, 5), (5,), (3, 2, 2), (1,)]
@@ -70,6 +77,7 @@ def rel_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
     return [
         (x.double() - y.double()).abs().max().item() / max(x.abs().max().item(), 1e-30)
         for x, y in zip(a, b)
+        if x.numel()
     ]
 
 
@@ -169,6 +177,31 @@ def test_state_dict_moves_between_paths(direction: str) -> None:
     train(ps_c, opt_c, split, split + 5 * m)
     assert_close([p.detach() for p in ps], [p.detach() for p in ps_c], dt)
     assert_close(state_tensors(opt, ps), state_tensors(opt_c, ps_c), dt)
+
+
+def test_small_non_contiguous_zero_dim_and_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors below ``fused_min_numel`` (by default: all of these) and non-contiguous or empty
+    ones take the foreach path (bit for bit); a 0-d one is fused."""
+    dt = torch.float64
+
+    def build() -> list[nn.Parameter]:
+        base = params(dt)
+        return [nn.Parameter(base[0].detach().t()), nn.Parameter(base[1].detach()[0].clone()),
+                nn.Parameter(torch.zeros(0, 3, dtype=dt)), base[2]]
+
+    for min_numel, tol in ((DEFAULT_MIN_NUMEL, 0.0), (1, TOL[dt])):
+        monkeypatch.setattr(pisa.PISA, "fused_min_numel", min_numel)
+        runs = []
+        for fused in (False, True):
+            ps = build()
+            assert not ps[0].is_contiguous() and ps[1].ndim == 0
+            train(ps, make("sisa", ps, 1, fused=fused), 0, 20)
+            runs.append([p.detach() for p in ps])
+        for x, y in zip(*runs):
+            if tol == 0.0:
+                assert torch.equal(x, y)
+            else:
+                assert_close([x], [y], dt)
 
 
 class Net(nn.Module):
