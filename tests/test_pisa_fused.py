@@ -154,6 +154,23 @@ def test_kernels_are_compiled_and_schedulers_do_not_recompile() -> None:
     assert_close(*runs, dt)
 
 
+def test_inside_a_compiled_training_step() -> None:
+    """``torch.compile(opt.step)``: the step runs eagerly (``torch.compiler.disable``) and its
+    kernels still run compiled, with the same weights."""
+    dt = torch.float64
+    runs = []
+    for compiled in (False, True):
+        ps = params(dt)
+        opt = make("sisa", ps, 1, fused=True)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for call in range(5):
+            set_grads(ps, call)
+            step()
+        runs.append([p.detach() for p in ps])
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("direction", ["foreach_to_fused", "fused_to_foreach"])
 def test_state_dict_moves_between_paths(direction: str) -> None:
     """A checkpoint taken inside a round by one path continues in the other as in the first,
