@@ -103,7 +103,9 @@ def admm_kernel(
     fn = _KERNELS.get(key)
     if fn is None:
         name = f"_pisa_admm_{precond}{'_dual' if add_dual else ''}{'_w' if uses_w else ''}"
-        code = _update.__code__.replace(co_name=name, co_qualname=name)
+        code = _update.__code__.replace(co_name=name)
+        if hasattr(code, "co_qualname"):  # Python >= 3.11
+            code = code.replace(co_qualname=name)
         body = types.FunctionType(code, _update.__globals__, name)
         compiled = torch.compile(body, dynamic=True, fullgraph=True)
 
