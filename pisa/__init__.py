@@ -4,7 +4,7 @@
 :class:`pisa.PISA` for the round, the step-size convention and virtual / distributed workers.
 """
 
-from . import distributed, newton_schulz, preconditioners
+from . import distributed, fused, newton_schulz, preconditioners
 from .admm import PISA
 from .newton_schulz import NS_COEFFICIENTS, orthogonalize
 from .nsisa import NSISA
@@ -36,6 +36,7 @@ __all__ = [
     "Preconditioner",
     "SecondMoment",
     "distributed",
+    "fused",
     "hutchinson_diagonal",
     "hybrid",
     "hybrid_nsisa",

@@ -111,6 +111,10 @@ class NSISA(PISA):
         maximize: maximise instead of minimise.
         foreach: ``None`` / ``True`` multi-tensor kernels (batched Newton-Schulz), ``False`` one
             tensor at a time (same result, lower peak memory).
+        fused: ``True``: the vectors' SISA step and, for matrices, everything after the
+            Newton-Schulz direction (the preconditioner ``|s| + eps`` or the EMA, the ADMM update)
+            as one ``torch.compile``'d kernel per tensor (:mod:`pisa.fused`); the momentum and the
+            orthogonalisation run as before. ``None`` / ``False`` (default): the foreach path.
         none_grad: ``"skip"`` (default, as torch: a parameter without ``.grad`` in the whole
             round is untouched) or ``"zero"`` (a missing gradient is a zero gradient).
         check_distributed: at the first distributed step, raise when the ranks' parameters
@@ -153,6 +157,7 @@ class NSISA(PISA):
         check_distributed: bool = True,
         capturable: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         _check_beta(beta)
         if sigma is None:  # c = sigma * lr = 4/9: the paper's GPT-2 ratio sigma : rho = 80 : 100
@@ -205,6 +210,7 @@ class NSISA(PISA):
             check_distributed=check_distributed,
             capturable=capturable,
             differentiable=differentiable,
+            fused=fused,
         )
 
     @staticmethod

@@ -98,7 +98,11 @@ class Identity(Preconditioner):
     """``q = 1``: the plain inexact ADMM step ``w_i = w - lr * s_i``."""
 
     def compute(self, s, state, group, step, aux) -> QSpec:
-        return None, 0.0, 1.0
+        return None, *self.coefficients(group, step)
+
+    def coefficients(self, group: dict[str, Any], step: int) -> tuple[float, float]:
+        """``(scale, shift)`` of ``q = scale * Q + shift`` (also used by the fused kernel)."""
+        return 0.0, 1.0
 
 
 class SecondMoment(Preconditioner):
@@ -134,9 +138,13 @@ class SecondMoment(Preconditioner):
         v = state["exp_avg_sq"]
         torch._foreach_mul_(v, beta)
         torch._foreach_addcmul_(v, s, s, value=1.0 - beta)
-        Q = torch._foreach_sqrt(v)
+        return torch._foreach_sqrt(v), *self.coefficients(group, step)
+
+    def coefficients(self, group: dict[str, Any], step: int) -> tuple[float, float]:
+        """``(scale, shift) = (1 / sqrt(1 - beta^t), eps)`` (scale 1 without bias correction)."""
+        beta = group[self.beta_key]
         scale = 1.0 / (1.0 - beta**step) ** 0.5 if self.bias_correction else 1.0
-        return Q, scale, group["eps"]
+        return scale, group["eps"]
 
     def __repr__(self) -> str:
         return f"SecondMoment(bias_correction={self.bias_correction})"
@@ -163,7 +171,11 @@ class AbsValue(Preconditioner):
         _check_eps(group["eps"])
 
     def compute(self, s, state, group, step, aux) -> QSpec:
-        return torch._foreach_abs(s), 1.0, group["eps"]
+        return torch._foreach_abs(s), *self.coefficients(group, step)
+
+    def coefficients(self, group: dict[str, Any], step: int) -> tuple[float, float]:
+        """``(scale, shift) = (1, eps)``."""
+        return 1.0, group["eps"]
 
 
 GeneratorSpec = torch.Generator | Callable[[torch.device], torch.Generator] | None

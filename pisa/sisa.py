@@ -52,6 +52,9 @@ class SISA(PISA):
         track_residuals: compute the primal residual and dual norm each round.
         maximize: maximise instead of minimise.
         foreach: ``None`` / ``True`` multi-tensor kernels, ``False`` one tensor at a time.
+        fused: ``True``: the whole step (``g + pi``, the second moment, the ADMM update) as one
+            ``torch.compile``'d kernel per tensor (:mod:`pisa.fused`; same result up to rounding,
+            same ``state_dict``); ``None`` / ``False`` (default): the foreach path.
         none_grad: ``"skip"`` (default, as torch: a parameter without ``.grad`` in the whole
             round is untouched) or ``"zero"`` (a missing gradient is a zero gradient).
         check_distributed: at the first distributed step, raise when the ranks' parameters
@@ -82,6 +85,7 @@ class SISA(PISA):
         check_distributed: bool = True,
         capturable: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -103,4 +107,5 @@ class SISA(PISA):
             check_distributed=check_distributed,
             capturable=capturable,
             differentiable=differentiable,
+            fused=fused,
         )

@@ -13,11 +13,14 @@ Optimizers (one worker, ``n_workers = 1``; library defaults otherwise):
 
 * ``adamw_foreach`` / ``adamw_fused``: ``torch.optim.AdamW(foreach=True)`` / ``(fused=True)``;
 * ``pisa`` (identity preconditioner), ``sisa``, ``sisa_no_telemetry`` (``track_residuals=False``)
-  on every parameter;
+  on every parameter; ``pisa_fused``, ``sisa_fused``, ``sisa_fused_no_telemetry``: the same with
+  ``fused=True`` (the compiled elementwise step, :mod:`pisa.fused`);
 * ``muon``: ``torch.optim.Muon`` on the hidden 2-D matrices + ``AdamW(foreach=True)`` on the rest
   (embeddings, head, vectors, the patch convolution), routed by
   :func:`pisa.split_hidden_matrices` and wrapped in :class:`pisa.Hybrid`, as the project's Muon
   baseline;
+* ``nsisa_fused``: ``nsisa_fp32`` with ``fused=True`` (the update after the direction and the
+  vectors' step compiled; the Newton-Schulz iteration as before);
 * ``nsisa``: :func:`pisa.hybrid_nsisa` with the same routing (Newton-Schulz in the default
   dtype: bfloat16 on accelerators, float32 on CPU); ``nsisa_bf16`` / ``nsisa_fp32``: the
   iteration in bfloat16 (the dtype torch Muon always uses) / float32. The default list measures
@@ -29,8 +32,10 @@ Optimizers (one worker, ``n_workers = 1``; library defaults otherwise):
 Every optimizer updates the same parameter tensors (values drift; timing does not depend on
 them). Steps are interleaved (one step of each optimizer in turn, in a shuffled order per cycle)
 so that machine noise hits all of them alike; the median over ``--steps`` cycles after
-``--warmup`` is reported. ``state_bytes`` counts distinct tensors in ``optimizer.state_dict()``;
-``state_copies = state_bytes / parameter bytes``.
+``--warmup`` is reported. ``first_step_s`` is the wall time of each optimizer's first step, which
+for the ``*_fused`` rows includes compiling its kernels (inductor caches them on disk, so a second
+run of the script compiles less); it is not part of the medians. ``state_bytes`` counts distinct
+tensors in ``optimizer.state_dict()``; ``state_copies = state_bytes / parameter bytes``.
 
 Usage::
 
@@ -167,10 +172,16 @@ def optimizer_factories(device: torch.device) -> dict[str, Callable[[nn.Module],
         "sisa_no_telemetry": lambda m: pisa.SISA(
             m.parameters(), lr=lr, sigma=1.0, track_residuals=False
         ),
+        "pisa_fused": lambda m: pisa.PISA(m.parameters(), lr=lr, sigma=1.0, fused=True),
+        "sisa_fused": lambda m: pisa.SISA(m.parameters(), lr=lr, sigma=1.0, fused=True),
+        "sisa_fused_no_telemetry": lambda m: pisa.SISA(
+            m.parameters(), lr=lr, sigma=1.0, track_residuals=False, fused=True
+        ),
         "muon": muon,
         "nsisa": nsisa,
         "nsisa_bf16": lambda m: nsisa(m, ns_dtype=torch.bfloat16),
         "nsisa_fp32": lambda m: nsisa(m, ns_dtype=torch.float32),
+        "nsisa_fused": lambda m: nsisa(m, ns_dtype=torch.float32, fused=True),
     }
     if fused_adamw_supported(device):
         out["adamw_fused"] = lambda m: adamw(m, fused=True)
@@ -208,6 +219,7 @@ def bench_shape_set(
     factories = optimizer_factories(device)
     opts = {name: factories[name](model) for name in names if name in factories}
     wall: dict[str, list[float]] = {name: [] for name in opts}
+    first: dict[str, float] = {}
     cpu: dict[str, list[float]] = {name: [] for name in opts}
     rng = random.Random(seed)
     order = list(opts)
@@ -223,6 +235,8 @@ def bench_shape_set(
             opt.step()
             sync(device)
             t1, c1 = time.perf_counter(), time.process_time()
+            if cycle == 0:
+                first[name] = t1 - t0
             if cycle >= warmup:
                 wall[name].append(t1 - t0)
                 cpu[name].append(c1 - c0)
@@ -241,6 +255,7 @@ def bench_shape_set(
                 "median_cpu_ms": 1e3 * statistics.median(cpu[name]),
                 "state_bytes": state,
                 "state_copies": state / param_bytes,
+                "first_step_s": first[name],
                 "steps": steps[name],
                 "threads": torch.get_num_threads(),
                 "timer": timer,
@@ -250,8 +265,10 @@ def bench_shape_set(
     by_name = {r["optimizer"]: r for r in rows}
     for r in rows:
         ref = by_name.get("adamw_foreach")
+        fused = by_name.get("adamw_fused")
         mu = by_name.get("muon")
         r["ratio_vs_adamw_foreach"] = r[key] / ref[key] if ref else ""
+        r["ratio_vs_adamw_fused"] = r[key] / fused[key] if fused else ""
         r["ratio_vs_muon"] = r[key] / mu[key] if mu else ""
     del opts, model
     gc.collect()
@@ -268,7 +285,9 @@ COLUMNS = [
     "state_bytes",
     "state_copies",
     "ratio_vs_adamw_foreach",
+    "ratio_vs_adamw_fused",
     "ratio_vs_muon",
+    "first_step_s",
     "steps",
     "threads",
     "timer",
@@ -278,7 +297,7 @@ COLUMNS = [
 def _fmt(key: str, value: Any) -> Any:
     if not isinstance(value, float):
         return value
-    return f"{value:.1f}" if key.endswith("_ms") else f"{value:.3f}"
+    return f"{value:.1f}" if key.endswith(("_ms", "_s")) else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shapes", default="gpt2,vit", help="comma list of: " + ",".join(SHAPE_SETS))
     ap.add_argument(
         "--optimizers",
-        default="adamw_foreach,adamw_fused,pisa,sisa,sisa_no_telemetry,muon,nsisa_bf16,"
-        "nsisa_fp32",
+        default="adamw_foreach,adamw_fused,pisa,sisa,sisa_no_telemetry,pisa_fused,sisa_fused,"
+        "sisa_fused_no_telemetry,muon,nsisa_bf16,nsisa_fp32,nsisa_fused",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument(
@@ -333,15 +352,19 @@ def main(argv: list[str] | None = None) -> None:
         for r in rows:
             writer.writerow({k: _fmt(k, v) for k, v in r.items()})
     print(
-        f"{'shapes':6} {'optimizer':18} {'wall ms':>9} {'cpu ms':>9} {'x AdamW':>8} "
-        f"{'x Muon':>7} {'state':>6} {'steps':>5}"
+        f"{'shapes':6} {'optimizer':24} {'wall ms':>9} {'cpu ms':>9} {'x AdamW':>8} "
+        f"{'x fused':>8} {'x Muon':>7} {'state':>6} {'steps':>5} {'first s':>8}"
     )
+
+    def ratio(value: Any, width: int) -> str:
+        return f"{'' if value == '' else f'{value:.2f}':>{width}}"
+
     for r in rows:
-        ra, rm = r["ratio_vs_adamw_foreach"], r["ratio_vs_muon"]
         print(
-            f"{r['shapes']:6} {r['optimizer']:18} {r['median_step_ms']:9.1f} "
-            f"{r['median_cpu_ms']:9.1f} {ra if ra == '' else f'{ra:.2f}':>8} "
-            f"{rm if rm == '' else f'{rm:.2f}':>7} {r['state_copies']:6.2f} {r['steps']:5d}"
+            f"{r['shapes']:6} {r['optimizer']:24} {r['median_step_ms']:9.1f} "
+            f"{r['median_cpu_ms']:9.1f} {ratio(r['ratio_vs_adamw_foreach'], 8)} "
+            f"{ratio(r['ratio_vs_adamw_fused'], 8)} {ratio(r['ratio_vs_muon'], 7)} "
+            f"{r['state_copies']:6.2f} {r['steps']:5d} {r['first_step_s']:8.1f}"
         )
     print(
         f"wrote {out} (device={device.type}, threads={torch.get_num_threads()}, "

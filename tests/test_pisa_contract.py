@@ -373,6 +373,20 @@ def test_foreach_false_gives_the_same_weights(name: str, m: int) -> None:
     assert_same(*runs)
 
 
+@pytest.mark.parametrize(("name", "m"), CASES, ids=IDS)
+def test_fused_accepts_every_optimizer(name: str, m: int) -> None:
+    """``fused=True`` on these tiny tensors (below ``fused_min_numel``) takes the foreach path:
+    the same weights bit for bit, and nothing is compiled (tests/test_pisa_fused.py compares the
+    compiled kernels)."""
+    runs = []
+    for fused in (None, True):
+        model, opt = build(name, m, fused=fused)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            train(model, opt, 0, 3 * m)
+        runs.append(weights(model))
+    assert_same(*runs)
+
+
 @pytest.mark.parametrize("name", ["sisa", "nsisa", "pisa"])
 def test_tensor_lr_equals_float_lr(name: str) -> None:
     model_a, opt_a = build(name, 2)
@@ -405,6 +419,8 @@ def test_tensor_lr_equals_float_lr(name: str) -> None:
         lambda: pisa.SISA(None, weight_decay=-1.0),
         lambda: pisa.SISA(None, maximize="yes"),
         lambda: pisa.SISA(None, foreach=1),
+        lambda: pisa.SISA(None, fused="yes"),
+        lambda: pisa.NSISA(None, fused=True, foreach=True),
         lambda: pisa.SISA(None, none_grad="drop"),
         lambda: pisa.SISA(None, capturable=True),
         lambda: pisa.SISA(None, differentiable=True),

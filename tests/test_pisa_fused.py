@@ -1,0 +1,307 @@
+"""``fused=True`` (the compiled elementwise step, :mod:`pisa.fused`) against the foreach path.
+
+Same weights and state as the foreach reference (float64 within 1e-12, float32 within 1e-6
+relative, over 100 rounds), at m = 1 and m = 4 virtual workers, for SISA and PISA with weight
+decay and L2; checkpoints move between the two paths in both directions; schedulers (``lr``,
+``beta``) and new tensor sizes do not recompile (``torch.compiler.set_stance("fail_on_recompile")``
+raises on any compilation); NSISA, Hybrid and distributed workers. Tensors are tiny: each kernel
+variant compiles once per process (a few seconds, cached by inductor on disk), and the tests are
+arranged so that they share variants.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import pisa
+
+pytestmark = pytest.mark.compiled
+DEFAULT_MIN_NUMEL = pisa.PISA.fused_min_numel
+
+
+@pytest.fixture(autouse=True)
+def _every_tensor_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tensors here are tiny: lower the size below which the foreach path is taken."""
+    monkeypatch.setattr(pisa.PISA, "fused_min_numel", 1)
+
+ROUNDS = 100
+SHAPES = [(6, 5), (5,), (3, 2, 2)]  # no 1-element tensor: it compiles its own graph
+#: (m, keyword arguments): coupled decay and a dual start at m = 1; decoupled decay, L2 and
+#: unequal worker weights at m = 4 (kernels: in place at m = 1, into the accumulator at m = 4)
+SETTINGS = {
+    1: {"weight_decay": 1e-2, "dual_init": 1e-3},
+    4: {"weight_decay": 1e-2, "decoupled_weight_decay": True, "l2_lambda": 1e-2,
+        "worker_weights": [1.0, 2.0, 3.0, 4.0]},
+}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
+def params(dtype: torch.dtype, seed: int = 0) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype))
+            for s in SHAPES]
+
+
+def make(name: str, ps: list[nn.Parameter], m: int, **kw) -> pisa.PISA:
+    cls = {"sisa": pisa.SISA, "pisa": pisa.PISA}[name]
+    return cls(ps, lr=0.02, sigma=2.0, n_workers=m, **{**SETTINGS[m], **kw})
+
+
+def set_grads(ps: list[nn.Parameter], call: int) -> None:
+    """A smooth loss (gradient 0.5 w^3 - w) plus noise that depends on the call."""
+    gen = torch.Generator().manual_seed(1000 + call)
+    for p in ps:
+        w = p.detach()
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+        p.grad = 0.5 * w**3 - w + 0.3 * noise
+
+
+def train(ps: list[nn.Parameter], opt, start: int, stop: int, sched=None) -> None:
+    for call in range(start, stop):
+        set_grads(ps, call)
+        opt.step()
+        if sched is not None and opt.round_done:
+            sched.step()
+
+
+def rel_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
+    """``max |a - b| / max |a|`` per tensor (in float64)."""
+    return [
+        (x.double() - y.double()).abs().max().item() / max(x.abs().max().item(), 1e-30)
+        for x, y in zip(a, b)
+        if x.numel()
+    ]
+
+
+def assert_close(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> None:
+    for err in rel_errors(a, b):
+        assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]:g}"
+
+
+def state_tensors(opt: pisa.PISA, ps: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [opt.state[p][k] for p in ps for k in sorted(opt.state[p]) if k != "acc"]
+
+
+CASES = [("sisa", 1, torch.float64), ("sisa", 4, torch.float64), ("sisa", 1, torch.float32),
+         ("sisa", 4, torch.float32), ("pisa", 1, torch.float64), ("pisa", 4, torch.float64)]
+
+
+@pytest.mark.parametrize(("name", "m", "dtype"), CASES,
+                         ids=[f"{n}_m{m}_{str(d)[-7:]}" for n, m, d in CASES])
+def test_fused_matches_foreach(name: str, m: int, dtype: torch.dtype) -> None:
+    """Weights within the tolerance; the state (dual, second moment) too in float64. In float32
+    the dual (an average of gradients that partly cancel) carries the rounding of 100 steps at
+    ~1e-6 in both paths, so there the fused state must be as close to the float64 run as the
+    foreach state is (within a factor 2)."""
+    runs = []
+    for fused, dt in ((False, dtype), (True, dtype), (False, torch.float64)):
+        ps = params(dt)
+        opt = make(name, ps, m, fused=fused)
+        train(ps, opt, 0, ROUNDS * m)
+        assert opt.rounds == ROUNDS
+        runs.append((ps, opt))
+    (ps_a, opt_a), (ps_b, opt_b), (ps_r, opt_r) = runs
+    assert_close([p.detach() for p in ps_a], [p.detach() for p in ps_b], dtype)
+    state_a, state_b = state_tensors(opt_a, ps_a), state_tensors(opt_b, ps_b)
+    if dtype == torch.float64:
+        assert_close(state_a, state_b, dtype)
+    else:
+        state_r = state_tensors(opt_r, ps_r)
+        for err_b, err_a in zip(rel_errors(state_r, state_b), rel_errors(state_r, state_a)):
+            assert err_b <= 2.0 * err_a + 1e-7, (err_b, err_a)
+    tel_a, tel_b = opt_a.telemetry(), opt_b.telemetry()
+    for key in ("primal_residual", "dual_norm"):
+        assert tel_b[key] == pytest.approx(tel_a[key], rel=1e-5), key
+
+
+def test_kernels_are_compiled_and_schedulers_do_not_recompile() -> None:
+    """A fresh kernel compiles (the stance raises on it); after the first round neither ``lr``
+    (StepLR), ``beta`` nor a parameter of a new size compiles again, and the weights still
+    follow the foreach path under the same schedule."""
+    dt = torch.float64
+    torch.compiler.reset()
+    ps = params(dt)
+    first = make("sisa", ps, 1, fused=True)
+    set_grads(ps, 0)
+    with torch.compiler.set_stance("fail_on_recompile"), pytest.raises(RuntimeError):
+        first.step()
+    runs = []
+    for fused in (False, True):
+        ps = params(dt)
+        opt = make("sisa", ps, 1, fused=fused)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)
+        train(ps, opt, 0, 1, sched)  # compiles the kernel for float64
+        gen = torch.Generator().manual_seed(3)
+        extra = nn.Parameter(torch.randn(11, 3, generator=gen, dtype=dt))  # a new size
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for r in range(1, 12):
+                if r == 5:
+                    opt.param_groups[0]["beta"] = 0.9
+                if r == 7:
+                    opt.add_param_group({"params": [extra]})
+                    ps.append(extra)
+                train(ps, opt, r, r + 1, sched)
+        assert opt.param_groups[0]["lr"] < 0.02 * 0.8**10
+        runs.append([p.detach() for p in ps])
+    assert_close(*runs, dt)
+
+
+def test_inside_a_compiled_training_step() -> None:
+    """``torch.compile(opt.step)``: the step runs eagerly (``torch.compiler.disable``) and its
+    kernels still run compiled, with the same weights."""
+    dt = torch.float64
+    runs = []
+    for compiled in (False, True):
+        ps = params(dt)
+        opt = make("sisa", ps, 1, fused=True)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for call in range(5):
+            set_grads(ps, call)
+            step()
+        runs.append([p.detach() for p in ps])
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("direction", ["foreach_to_fused", "fused_to_foreach"])
+def test_state_dict_moves_between_paths(direction: str) -> None:
+    """A checkpoint taken inside a round by one path continues in the other as in the first,
+    and the loading optimizer keeps its own ``fused``."""
+    dt, m = torch.float64, 4
+    src_fused = direction == "fused_to_foreach"
+    ps = params(dt)
+    opt = make("sisa", ps, m, fused=src_fused)
+    split = 3 * m + 2
+    train(ps, opt, 0, split)
+    ckpt = copy.deepcopy({"w": [p.detach().clone() for p in ps], "opt": opt.state_dict()})
+    ps_c = params(dt, seed=5)
+    opt_c = make("sisa", ps_c, m, fused=not src_fused)
+    with torch.no_grad():
+        for p, w in zip(ps_c, ckpt["w"]):
+            p.copy_(w)
+    opt_c.load_state_dict(ckpt["opt"])
+    assert opt_c.param_groups[0]["fused"] is (not src_fused)
+    assert opt_c.worker_index == 2
+    train(ps, opt, split, split + 5 * m)
+    train(ps_c, opt_c, split, split + 5 * m)
+    assert_close([p.detach() for p in ps], [p.detach() for p in ps_c], dt)
+    assert_close(state_tensors(opt, ps), state_tensors(opt_c, ps_c), dt)
+
+
+def test_small_non_contiguous_zero_dim_and_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors below ``fused_min_numel`` (by default: all of these) and non-contiguous or empty
+    ones take the foreach path (bit for bit); a 0-d one is fused."""
+    dt = torch.float64
+
+    def build() -> list[nn.Parameter]:
+        base = params(dt)
+        return [nn.Parameter(base[0].detach().t()), nn.Parameter(base[1].detach()[0].clone()),
+                nn.Parameter(torch.zeros(0, 3, dtype=dt)), base[2]]
+
+    for min_numel, tol in ((DEFAULT_MIN_NUMEL, 0.0), (1, TOL[dt])):
+        monkeypatch.setattr(pisa.PISA, "fused_min_numel", min_numel)
+        runs = []
+        for fused in (False, True):
+            ps = build()
+            assert not ps[0].is_contiguous() and ps[1].ndim == 0
+            train(ps, make("sisa", ps, 1, fused=fused), 0, 20)
+            runs.append([p.detach() for p in ps])
+        for x, y in zip(*runs):
+            if tol == 0.0:
+                assert torch.equal(x, y)
+            else:
+                assert_close([x], [y], dt)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 5)
+        self.hidden = nn.Linear(5, 6)
+        self.hidden2 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens).mean(1)
+        x = torch.tanh(self.hidden2(torch.tanh(self.hidden(x))))
+        return self.head(x).squeeze(-1)
+
+
+WORLD = 2
+
+
+def run_net(name: str, rank: int | None, fused: bool, rounds: int = 5) -> list[torch.Tensor]:
+    """SISA or Hybrid-NSISA on ``Net`` with a scheduler; rank None: 2 virtual workers."""
+    dt = torch.float64
+    torch.manual_seed(0)
+    model = Net().to(dt)
+    mode = {"n_workers": WORLD} if rank is None else {}
+    if name == "sisa":
+        opt = pisa.SISA(model.parameters(), lr=0.02, sigma=3.0, l2_lambda=1e-3,
+                        weight_decay=1e-2, decoupled_weight_decay=True,
+                        worker_weights=[1.0, 3.0], fused=fused, **mode)
+    else:
+        opt = pisa.hybrid_nsisa(model, lr=0.01, sigma=5.0, ns_dtype=dt, weight_decay=1e-2,
+                                worker_weights=[1.0, 3.0], companion_kwargs={"lr": 1e-2},
+                                fused=fused, **mode)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for r in range(rounds):
+        for i in range(WORLD) if rank is None else [rank]:
+            gen = torch.Generator().manual_seed(100 * r + i)
+            tokens = torch.randint(0, 7, (6, 3), generator=gen)
+            target = torch.randn(6, generator=gen, dtype=dt)
+            opt.zero_grad(set_to_none=True)
+            (model(tokens) - target).pow(2).mean().backward()
+            opt.step()
+        assert opt.round_done
+        sched.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_nsisa_and_hybrid_fused_match_foreach() -> None:
+    """NSISA's vectors (SISA step) and the update after its Newton-Schulz direction, inside
+    Hybrid, with a scheduler."""
+    assert_close(run_net("hybrid", None, False), run_net("hybrid", None, True), torch.float64)
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        torch.save(run_net("sisa", rank, True), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_fused_equals_virtual_foreach(tmp_path: Path) -> None:
+    reference = run_net("sisa", None, False)
+    run_net("sisa", None, True)  # compiles here; forked children inherit the kernels
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD,
+                       join=True, start_method=method)
+    for r in range(WORLD):
+        assert_close(reference, torch.load(tmp_path / f"rank{r}.pt", weights_only=True),
+                     torch.float64)
+
+
+@pytest.mark.parametrize(
+    "build_bad",
+    [
+        lambda: pisa.SISA(None, fused=1),
+        lambda: pisa.PISA(None, fused=True, foreach=True),
+        lambda: pisa.SISA([nn.Parameter(torch.zeros(2, device="meta"))], fused=True),
+    ],
+)
+def test_bad_fused_arguments(build_bad) -> None:
+    with pytest.raises(ValueError):
+        build_bad()
