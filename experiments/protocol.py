@@ -12,6 +12,8 @@ One protocol for every artefact and every optimizer (stated for readers in
         seeds: 5                 # seeds 0..n-1 at the chosen multiple, and at x1 ("paper")
         references: [local, central]   # arms shown, never picked as the best baseline
         speed_reference: adamw   # optional: steps / tokens to this arm's final metric (speed.md)
+        paper_overrides:         # optional: an arm's "paper settings" row as the official code
+          nsisa: ["+optim.scaled_dual=true"]   # ran it (options that reproduce its oddities)
 
 An *arm* is one point of the experiment's sweep at seed 0 (task x optimizer x method ...). For
 each arm:
@@ -31,7 +33,9 @@ each arm:
    value is a bound, not an optimum). Extra trials are reported.
 4. **Seeds.** Seeds ``0..n-1`` at the chosen multiple (row "tuned") and at ``m = 1`` (row
    "paper settings": the arm's configured values, i.e. ``conf/task_optim`` where the paper gave
-   them, else the optimizer's default).
+   them, else the optimizer's default, plus the arm's ``paper_overrides``: options that make a
+   run do what the official code did where it departs from the textbook round, so the row
+   shows the paper's method as run; trials and "tuned" never get them).
 
 The verdict itself (paired effect sizes, Holm, detectable effect) is
 :mod:`experiments.analysis.verdict`.
@@ -69,6 +73,7 @@ class ProtocolSpec:
     references: tuple[str, ...] = ()
     adopt_ignore: tuple[str, ...] = ()  # config keys a recorded run may differ in (see adopt)
     speed_reference: str | None = None  # arm whose final metric is the "faster" target
+    paper_overrides: tuple[tuple[str, tuple[str, ...]], ...] = ()  # arm label -> overrides
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ProtocolSpec | None:
@@ -77,7 +82,8 @@ class ProtocolSpec:
         if not block:
             return None
         unknown = set(block) - {"claim", "trials", "lr_range", "max_extend", "seeds",
-                                "references", "adopt_ignore", "speed_reference"}
+                                "references", "adopt_ignore", "speed_reference",
+                                "paper_overrides"}
         if unknown:
             raise ValueError(f"reproduce.protocol: unknown keys {sorted(unknown)}")
         if "claim" not in block:
@@ -91,7 +97,10 @@ class ProtocolSpec:
                    references=tuple(str(r) for r in block.get("references", ()) or ()),
                    adopt_ignore=tuple(str(k) for k in block.get("adopt_ignore", ()) or ()),
                    speed_reference=(str(block["speed_reference"])
-                                    if block.get("speed_reference") else None))
+                                    if block.get("speed_reference") else None),
+                   paper_overrides=tuple(
+                       (str(arm), tuple(str(o) for o in ovr))
+                       for arm, ovr in (block.get("paper_overrides") or {}).items()))
         spec.validate()
         return spec
 
@@ -267,10 +276,13 @@ class Protocol:
     attempted: set[Path] = field(default_factory=set)  # launched by this invocation
 
     # -- building points ----------------------------------------------------------------------
-    def _point(self, arm: Arm, m: float, seed: int, tags: dict[str, Any]) -> Point:
+    def _point(
+        self, arm: Arm, m: float, seed: int, tags: dict[str, Any], extra: Sequence[str] = ()
+    ) -> Point:
         ovr = [o for o in arm.overrides if not o.startswith("seed=")] + [f"seed={seed}"]
         if m != 1.0:
             ovr += lr_overrides(arm.cfg, m)
+        ovr += list(extra)
         assert self._compose is not None
         cfg = self._compose(ovr)
         rd = adopt(run_dir_for(cfg), cfg, self.spec.adopt_ignore)
@@ -355,12 +367,16 @@ class Protocol:
             for s in range(self.spec.seeds):
                 if a.chosen is not None:
                     a.tuned[s] = self._reuse(a, a.chosen, s, "tuned")
-                a.paper[s] = self._reuse(a, 1.0, s, "paper")
+                a.paper[s] = self._reuse(a, 1.0, s, "paper", self.paper_overrides(a))
 
-    def _reuse(self, a: Arm, m: float, s: int, role: str) -> Point:
-        if s == 0 and m in a.trials:
+    def paper_overrides(self, a: Arm) -> tuple[str, ...]:
+        """The arm's ``paper_overrides`` (by optimizer label)."""
+        return dict(self.spec.paper_overrides).get(a.label, ())
+
+    def _reuse(self, a: Arm, m: float, s: int, role: str, extra: Sequence[str] = ()) -> Point:
+        if s == 0 and m in a.trials and not extra:
             return a.trials[m]
-        return self._point(a, m, s, {"stage": role})
+        return self._point(a, m, s, {"stage": role}, extra)
 
     def settled(self, p: Point) -> bool:
         """The point has an outcome, or was attempted by this invocation and ended without one

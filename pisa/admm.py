@@ -194,6 +194,13 @@ class PISA(Optimizer):
         worker_weights: ``alpha_i`` (any non-negative numbers; normalised), default equal.
         distributed: ``None`` auto, ``True`` / ``False`` to force.
         dual_init: initial value of every dual entry (0; the official GPT-2 code used 1e-10).
+        scaled_dual: the official GPT-2 code's dual (for "paper settings" rows; default
+            ``False``, the textbook round): after its update each worker's stored dual is
+            multiplied by its weight, ``pi_i <- alpha_i (pi_i + sigma (w_i - w))``, and that
+            code's all-reduce of ``sigma alpha_i w_i + pi_i`` gives the same ``w`` as the
+            textbook consensus, so only the next rounds see the difference: with ``m``
+            equal workers the dual shrinks by ``1/m`` every round (no effect at ``m = 1``).
+            Runs on the foreach path (not fused).
         track_residuals: compute the primal residual and dual norm each round (:meth:`telemetry`).
         maximize: maximise the objective (the gradient's sign is flipped), as in ``torch.optim``.
         foreach: ``None`` / ``True``: multi-tensor (``torch._foreach_*``) kernels over the whole
@@ -257,6 +264,7 @@ class PISA(Optimizer):
         worker_weights: Sequence[float] | None = None,
         distributed: bool | None = None,
         dual_init: float = 0.0,
+        scaled_dual: bool = False,
         track_residuals: bool = True,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -286,6 +294,7 @@ class PISA(Optimizer):
             "weight_decay": weight_decay,
             "decoupled_weight_decay": decoupled_weight_decay,
             "dual_init": dual_init,
+            "scaled_dual": scaled_dual,
             "momentum": 0.0,
             "maximize": maximize,
             "foreach": foreach,
@@ -411,6 +420,8 @@ class PISA(Optimizer):
         dual_init = group["dual_init"]
         if not isinstance(dual_init, (int, float)) or not math.isfinite(dual_init):
             raise ValueError(f"dual_init must be finite, got {dual_init!r}")
+        if not isinstance(group["scaled_dual"], bool):
+            raise ValueError(f"scaled_dual must be a bool, got {group['scaled_dual']!r}")
         if not isinstance(group["maximize"], bool):
             raise ValueError(f"maximize must be a bool, got {group['maximize']!r}")
         if not (group["foreach"] is None or isinstance(group["foreach"], bool)):
@@ -888,7 +899,8 @@ class PISA(Optimizer):
         """
         size = self._resolve_chunk_size(params[0].device)
         t = worker.t
-        kind = pfused.precond_kind(path.precond) if group["fused"] and aux is None else None
+        kind = (pfused.precond_kind(path.precond)
+                if group["fused"] and aux is None and not group["scaled_dual"] else None)
         if kind is not None and path.elementwise and (
             getattr(path.direction, "__func__", None) is PISA._search_direction
         ):  # d = g: the direction is part of the kernel
@@ -975,6 +987,8 @@ class PISA(Optimizer):
         torch._foreach_add_(targets, pi, alpha=alpha_t * inv_sigma)
         torch._foreach_add_(targets, e, alpha=-2.0 * alpha_t * lr / k)
         torch._foreach_add_(pi, e, alpha=-c / k)
+        if group["scaled_dual"] and alpha != 1.0:  # official GPT-2 code: pi_i <- alpha_i pi_i
+            torch._foreach_mul_(pi, alpha)
         if self.track_residuals and self._tel_partial is not None:
             device = self._tel_partial[0].device
             self._tel_partial[0] += (alpha * (lr / k) ** 2) * _sum_sq_norms(e, device)

@@ -49,6 +49,10 @@ class SISA(PISA):
         worker_weights: ``alpha_i`` (non-negative, normalised), default equal.
         distributed: ``None`` auto (world size > 1), ``True`` / ``False`` to force.
         dual_init: initial value of every dual entry.
+        scaled_dual: the official GPT-2 code's dual (default ``False``): each worker's stored
+            dual is multiplied by its weight after its update, ``pi_i <- alpha_i (pi_i + sigma
+            (w_i - w))``, shrinking it by ``1/m`` per round with equal workers; ``w`` of that
+            round is the textbook one. For "paper settings" rows; not fused.
         track_residuals: compute the primal residual and dual norm each round.
         maximize: maximise instead of minimise.
         foreach: ``None`` / ``True`` multi-tensor kernels, ``False`` one tensor at a time.
@@ -78,6 +82,7 @@ class SISA(PISA):
         worker_weights: Sequence[float] | None = None,
         distributed: bool | None = None,
         dual_init: float = 0.0,
+        scaled_dual: bool = False,
         track_residuals: bool = True,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -100,6 +105,7 @@ class SISA(PISA):
             worker_weights=worker_weights,
             distributed=distributed,
             dual_init=dual_init,
+            scaled_dual=scaled_dual,
             track_residuals=track_residuals,
             maximize=maximize,
             foreach=foreach,

@@ -108,6 +108,8 @@ def _fake_compose(out_dir: Path):
 
 
 def _parse(v: str) -> Any:
+    if v in ("true", "false"):
+        return v == "true"
     try:
         return int(v)
     except ValueError:
@@ -185,6 +187,28 @@ def test_selection_uses_validation_edge_rule_extends_and_seeds_follow(tmp_path: 
                    _launcher({"sisa": 1.0, "adamw": 1.0}, {"sisa": 1.0, "adamw": 1.0}, again),
                    echo=lambda s: None, compose=compose)
     assert again == [] and [a.chosen for a in proto2.arms] == [3.162, 0.01]
+
+
+def test_paper_overrides_reach_the_paper_row_only(tmp_path: Path) -> None:
+    """``paper_overrides`` (the official code's options) go into every "paper settings" run of
+    that arm, seed 0 included (so the x1 trial is not reused for it), and into no trial, no
+    tuned run and no other arm."""
+    compose = _fake_compose(tmp_path)
+    spec = ProtocolSpec.from_meta({"protocol": {
+        "claim": "sisa", "seeds": 2, "paper_overrides": {"sisa": ["optim.scaled_dual=true"]}}})
+    assert spec is not None and spec.paper_overrides == (("sisa", ("optim.scaled_dual=true",)),)
+    launched: list[Point] = []
+    launch = _launcher({"sisa": 1e-3, "adamw": 1e-3}, {"sisa": 1e-3, "adamw": 1e-3}, launched)
+    proto = drive(_plan(tmp_path, compose), spec, launch, echo=lambda s: None, compose=compose)
+    sisa, adamw = proto.arms
+    assert sisa.chosen == 1.0  # the tuned row is at x1 too, yet stays apart from the paper row
+    assert all(p.cfg.optim.get("scaled_dual") is True for p in sisa.paper.values())
+    assert sisa.paper[0] is not sisa.trials[1.0]
+    others = [*sisa.trials.values(), *sisa.tuned.values(), *adamw.trials.values(),
+              *adamw.tuned.values(), *adamw.paper.values()]
+    assert not any(p.cfg.optim.get("scaled_dual") for p in others)
+    assert adamw.paper[0] is adamw.trials[1.0]
+    assert {p.run_dir for p in sisa.paper.values()}.isdisjoint(p.run_dir for p in others)
 
 
 def test_diverged_trials_rank_last(tmp_path: Path) -> None:
