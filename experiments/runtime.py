@@ -123,6 +123,15 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return tensor_bytes(opt.state_dict())
 
 
+def family(opt: torch.optim.Optimizer) -> str:
+    """``consensus`` for a PISA-family optimizer (a :class:`pisa.Hybrid` counts by its main
+    optimizer: NSISA + AdamW is one, Muon + AdamW is not, though every Hybrid drives its own
+    rounds and communication), else ``baseline``: the ``family`` of ``summary.json``."""
+    from pisa import is_consensus
+
+    return "consensus" if is_consensus(getattr(opt, "main", opt)) else "baseline"
+
+
 def ns_dtypes(opt: torch.optim.Optimizer) -> str | None:
     """The dtype(s) an optimizer's Newton-Schulz iterations run in, as resolved for the devices
     and dtypes of its matrices (``ns_dtype: null`` in a config means "the device's default",

@@ -48,6 +48,7 @@ from experiments.record import RunRecord
 from experiments.runtime import (
     Dist,
     autocast,
+    family,
     ns_dtypes,
     optimizer_state_bytes,
     peak_memory_bytes,
@@ -207,8 +208,7 @@ class Trainer:
         opt = build_optimizer(model, ocfg)
         if self.record is not None and str(ocfg.name) == str(self.cfg.optim.name):
             # the run's optimizer (as configured, or derived from it: FL's ADMM clients)
-            self.record.update(family="consensus" if is_consensus(opt) else "baseline",
-                               ns_dtype=ns_dtypes(opt))
+            self.record.update(family=family(opt), ns_dtype=ns_dtypes(opt))
         self._built.append((model, opt))
         return opt
 
