@@ -323,3 +323,30 @@ def verify_finished(run_dir: Path, summary: dict[str, Any], device: str = "cpu")
     atomic_write_json(run_dir / "summary.json",
                       {**summary, "notes": [*(summary.get("notes") or []), note]})
     return [note]
+
+
+def prune_checkpoints(run_dir: Path, dry_run: bool = False) -> int:
+    """Delete ``ckpt/`` of a finished run (ok / diverged) whose record is whole; the bytes freed
+    (0 when the run is unfinished, has no checkpoints, or another process holds it).
+
+    The record is checked (:func:`verify_finished`, which first restores missing metric rows
+    from the final checkpoint) under the run's lock, so a live run is never touched. Afterwards
+    a later loss of ``metrics.csv`` rows can no longer be repaired from a checkpoint."""
+    import shutil
+
+    ckpt = run_dir / "ckpt"
+    try:
+        summary = read_summary(run_dir)
+    except UnreadableRecord:
+        return 0
+    if summary is None or summary.get("status") not in OUTCOMES or not ckpt.is_dir():
+        return 0
+    try:
+        with RunLock(run_dir):
+            verify_finished(run_dir, summary)
+            size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+            if not dry_run:
+                shutil.rmtree(ckpt)
+            return size
+    except (RunLocked, UnreadableRecord):
+        return 0

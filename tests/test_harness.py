@@ -17,6 +17,8 @@ from experiments.record import RunExists, RunRecord
 from experiments.rundir import read_metrics
 from experiments.schedules import lr_multiplier
 
+REPO = Path(__file__).resolve().parent.parent
+
 QUICK = [
     "task=quickstart_mnist",
     "scale=smoke",
@@ -212,3 +214,37 @@ def test_ns_dtypes_records_the_resolved_newton_schulz_dtype() -> None:
     assert ns_dtypes(mixed) == "bfloat16,float32"
     assert ns_dtypes(SISA(mats(torch.float32))) is None
     assert ns_dtypes(torch.optim.AdamW(mats(torch.float32))) is None
+
+
+def test_prune_checkpoints_frees_finished_runs_only(run_cfg, tmp_path: Path) -> None:
+    """scripts/prune_checkpoints.py deletes ckpt/ of a finished run whose record is whole (first
+    repairing lost metric rows from it), keeps a preempted run's and a held run's; the pruned
+    run is still skipped as finished by the same command."""
+    import subprocess
+    import sys
+
+    from experiments.record import prune_checkpoints
+    from experiments.runlock import RunLock
+
+    base = ["task=quickstart_mnist", "optim=sisa", "scale=smoke"]
+    done, done_dir = run_cfg([*base, f"run.dir={tmp_path / 'done'}"])
+    cut, cut_dir = run_cfg([*base, f"run.dir={tmp_path / 'cut'}", "train.preempt_at_step=2"])
+    held, held_dir = run_cfg([*base, f"run.dir={tmp_path / 'held'}"])
+    assert done["status"] == held["status"] == "ok" and cut["status"] == "preempted"
+    assert all((d / "ckpt").is_dir() for d in (done_dir, cut_dir, held_dir))
+    rows = (done_dir / "metrics.csv").read_text().splitlines()
+    (done_dir / "metrics.csv").write_text("\n".join(rows[:-1]) + "\n")  # a lost row
+
+    with RunLock(held_dir):  # another process holds it: left alone
+        assert prune_checkpoints(held_dir) == 0
+    assert prune_checkpoints(cut_dir) == 0 and (cut_dir / "ckpt").is_dir()
+    assert prune_checkpoints(done_dir, dry_run=True) > 0 and (done_dir / "ckpt").is_dir()
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "prune_checkpoints.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "2 of 3 runs with checkpoints pruned" in out.stdout  # done and held (now free)
+    assert not (done_dir / "ckpt").exists() and (cut_dir / "ckpt").is_dir()
+    assert (done_dir / "metrics.csv").read_text().splitlines() == rows  # repaired first
+    again, _ = run_cfg([*base, f"run.dir={tmp_path / 'done'}"])
+    assert again["status"] == "ok" and again["steps"] == done["steps"]
