@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_models import Net, shard
 from torch import nn
 
 import pisa
@@ -18,25 +19,6 @@ DT = torch.float64
 WORLD = 2
 ROUNDS = 5
 WEIGHTS = [1.0, 3.0]
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(7, 5)
-        self.hidden = nn.Linear(5, 6)
-        self.hidden2 = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 1)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens).mean(1)
-        x = torch.tanh(self.hidden2(torch.tanh(self.hidden(x))))
-        return self.head(x).squeeze(-1)
-
-
-def shard(round_: int, worker: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(100 * round_ + worker)
-    return torch.randint(0, 7, (6, 3), generator=gen), torch.randn(6, generator=gen, dtype=DT)
 
 
 def make(name: str, model: nn.Module, **mode):

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_models import Net, shard
 from torch import nn
 
 import pisa
@@ -221,20 +222,6 @@ def test_small_non_contiguous_zero_dim_and_empty(monkeypatch: pytest.MonkeyPatch
                 assert_close([x], [y], dt)
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(7, 5)
-        self.hidden = nn.Linear(5, 6)
-        self.hidden2 = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 1)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens).mean(1)
-        x = torch.tanh(self.hidden2(torch.tanh(self.hidden(x))))
-        return self.head(x).squeeze(-1)
-
-
 WORLD = 2
 
 
@@ -255,9 +242,7 @@ def run_net(name: str, rank: int | None, fused: bool, rounds: int = 5) -> list[t
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     for r in range(rounds):
         for i in range(WORLD) if rank is None else [rank]:
-            gen = torch.Generator().manual_seed(100 * r + i)
-            tokens = torch.randint(0, 7, (6, 3), generator=gen)
-            target = torch.randn(6, generator=gen, dtype=dt)
+            tokens, target = shard(r, i)
             opt.zero_grad(set_to_none=True)
             (model(tokens) - target).pow(2).mean().backward()
             opt.step()
