@@ -948,6 +948,24 @@ class PISA(Optimizer):
             raise ValueError(f"chunk_size must be an int, None or 'auto', got {size!r}")
         return size
 
+    @staticmethod
+    def _update_coefficients(
+        group: dict[str, Any], scale: float, shift: float, identity: bool
+    ) -> tuple[float, float, float, float, float, float | None]:
+        r"""Scalars of one worker's update for a preconditioner ``q = scale * Q + shift``, in the
+        ``c = sigma_t * lr_t`` parametrisation (the foreach and the fused path share them):
+        ``(lr_t, c, 1/sigma_t, kd, k, qshift)`` with ``c + (1 - c) q = k (Q + qshift)``, so
+        ``e = s / (k (Q + qshift))``; ``qshift`` None when ``q`` is the constant ``shift``
+        (``identity`` or ``scale = 0``), then ``k = c + (1 - c) shift``. ``kd``: the decoupled
+        weight decay (0 when coupled)."""
+        lr = group["round_lr"]
+        c = group["sigma"] * group["lr0"]
+        kd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
+        if identity or scale == 0.0:
+            return lr, c, lr / c, kd, c + (1.0 - c) * shift, None
+        k = (1.0 - c) * scale
+        return lr, c, lr / c, kd, k, (c + (1.0 - c) * shift) / k
+
     def _admm_update(
         self,
         group: dict[str, Any],
@@ -966,18 +984,12 @@ class PISA(Optimizer):
             w_i - w = -lr_t e ,   pi_i <- pi_i - c e ,
             target += alpha (pi_i_old / sigma_t - 2 lr_t e)   (= alpha (w_i - w + pi_i / sigma_t))
         """
-        lr = group["round_lr"]
-        c = group["sigma"] * group["lr0"]
-        inv_sigma = lr / c
-        kd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
         alpha, alpha_t = worker.alpha, worker.alpha_t
-
         Q, scale, shift = precond.compute(s, wstate, group, worker.t, aux)
-        if Q is None or scale == 0.0:
-            k = c + (1.0 - c) * shift
-        else:
-            k = (1.0 - c) * scale
-            torch._foreach_add_(Q, (c + (1.0 - c) * shift) / k)
+        lr, c, inv_sigma, kd, k, qshift = self._update_coefficients(group, scale, shift,
+                                                                    Q is None)
+        if Q is not None and qshift is not None:
+            torch._foreach_add_(Q, qshift)
             torch._foreach_div_(s, Q)
             del Q
         e = s  # holds k * e
@@ -1008,19 +1020,14 @@ class PISA(Optimizer):
     ) -> None:
         """:meth:`_admm_update` (and, with ``add_dual``, the base direction ``s = d + pi + kc w``)
         as one compiled kernel per tensor (:mod:`pisa.fused`), with the same coefficients."""
-        lr = group["round_lr"]
-        c = group["sigma"] * group["lr0"]
-        inv_sigma = lr / c
-        kd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
         kc = self._coupled_wd(group) if add_dual else 0.0
         alpha, alpha_t = worker.alpha, worker.alpha_t
         scale, shift = precond.coefficients(group, worker.t)
         beta = float(group[precond.beta_key]) if kind == "second_moment" else 0.0
-        if kind == "identity" or scale == 0.0:
-            kind, k, qshift = "identity", c + (1.0 - c) * shift, 0.0
-        else:
-            k = (1.0 - c) * scale
-            qshift = (c + (1.0 - c) * shift) / k
+        lr, c, inv_sigma, kd, k, qshift = self._update_coefficients(group, scale, shift,
+                                                                    kind == "identity")
+        if qshift is None:
+            kind, qshift = "identity", 0.0
         coef = [0.0] * pfused.N_COEF
         coef[pfused.KC], coef[pfused.BETA], coef[pfused.ONE_MINUS_BETA] = kc, beta, 1.0 - beta
         coef[pfused.QSHIFT], coef[pfused.KDK] = qshift, kd * k
