@@ -12,5 +12,5 @@ if [[ "${FRESH:-0}" == 1 ]]; then rm -rf "$VENV"; fi
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.13.*"
-"$VENV/bin/python" -m pip install -q -e ".[dev,rl,loggers]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,rl,loggers,examples]"
 "$VENV/bin/python" -c "import torch, pisa, experiments, baselines; print('pisa-bench ready: torch', torch.__version__)"
