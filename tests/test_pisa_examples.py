@@ -1,5 +1,6 @@
-"""The examples under ``examples/`` run at tiny scale: the loss falls, and the torchrun run (one
-worker per process) equals the virtual-worker run."""
+"""The examples under ``examples/`` run at tiny scale: the loss falls (plain loop, HF Trainer,
+Lightning, SB3), the torchrun run (one worker per process) equals the virtual-worker run, and
+Lightning's ``step(closure)`` with virtual workers equals the plain loop."""
 
 from __future__ import annotations
 
@@ -54,3 +55,54 @@ def test_sb3_example_learns_cartpole() -> None:
     torch.set_num_threads(1)
     before, after = load("sb3_ppo").train(timesteps=4096, n_workers=4, seed=1)
     assert after > 5 * before and after > 100
+
+
+@pytest.mark.parametrize(
+    ("workers", "via", "grad_accum"),
+    [(1, "optimizers", 1), (4, "optimizers", 1), (4, "cls_and_kwargs", 1), (2, "optimizers", 2)],
+)
+def test_hf_trainer_example_loss_falls(workers: int, via: str, grad_accum: int) -> None:
+    pytest.importorskip("accelerate")  # transformers.Trainer needs it (the "examples" extra)
+    torch.set_num_threads(1)
+    steps = 64
+    _, losses, opt = load("hf_trainer").train(
+        n_workers=workers, steps=steps, via=via, grad_accum=grad_accum
+    )
+    assert len(losses) == steps and opt.rounds == steps // workers  # one worker per Trainer step
+    assert sum(losses[-4:]) / 4 < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize(
+    ("workers", "mode", "accumulate"),
+    [(1, "automatic", 1), (4, "automatic", 1), (4, "manual", 1), (2, "automatic", 2)],
+)
+def test_lightning_example_loss_falls(workers: int, mode: str, accumulate: int) -> None:
+    pytest.importorskip("lightning")
+    torch.set_num_threads(1)
+    _, losses, opt = load("lightning_module").train(
+        n_workers=workers, rounds=40, mode=mode, accumulate=accumulate
+    )
+    assert opt.rounds == 40  # m (automatic) or 1 (manual) Lightning steps per round
+    assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5
+
+
+def test_lightning_closure_step_equals_plain_loop() -> None:
+    """Lightning's ``optimizer.step(closure)`` with 4 virtual workers gives the plain loop's
+    weights (each closure's gradient is its worker's, taken at the global weights)."""
+    lightning = pytest.importorskip("lightning")
+    torch.set_num_threads(1)
+    example = load("lightning_module")
+    workers, rounds = 4, 6
+    module, _, _ = example.train(n_workers=workers, rounds=rounds, mode="automatic")
+    lightning.seed_everything(0, verbose=False)
+    reference = example.Classifier(workers, 1e-2, "automatic", rounds)
+    conf = reference.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    for x, y in example.make_loader(rounds * workers, 32, seed=0):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(reference.net(x), y).backward()
+        opt.step()
+        sched.step()
+    assert opt.rounds == rounds
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(module.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
