@@ -14,6 +14,12 @@ One global step (an optimizer *round*) of the supervised loop::
 In torchrun mode PISA-family optimizers run their distributed round (one all-reduce); every
 other optimizer gets its gradients averaged across ranks first (what DDP does).
 
+On GPU the loop does not wait for the device between steps: each step's loss stays a device
+tensor, queued and read (one copy, checked for divergence at its own step) at the log, evaluation
+and checkpoint cadence; the optimizer step is timed by CUDA events, read when the summary is
+written; round telemetry is read at the log cadence only. On CPU, where a read costs nothing, the
+loss is read and checked every step.
+
 Services for tasks with their own loop (GAN, RL, federated): :meth:`make_optimizer`,
 :meth:`make_scheduler`, :meth:`optimizer_step` (timed), :meth:`log`, :meth:`record_eval`,
 :meth:`check_finite`, :meth:`load_checkpoint`, :meth:`checkpoint_or_stop` (once per step),
@@ -109,6 +115,8 @@ class Trainer:
         self.samples = 0
         self._opt_time = 0.0
         self._opt_steps = 0
+        self._opt_events: list[tuple[Any, Any]] = []  # CUDA (start, end) events not yet read
+        self._losses: list[tuple[int, torch.Tensor]] = []  # (step, training loss) not yet read
         self._signals: Any = None
         self._state_fn: Callable[[], dict[str, Any]] | None = None
         self._last_ckpt = (-1, -1, time.monotonic())  # (step, metric rows, time) of the last one
@@ -220,29 +228,67 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(spec, total_steps))
 
     def optimizer_step(self, opt: torch.optim.Optimizer, closure: Any = None) -> None:
-        """``opt.step()`` with its wall time measured apart from forward/backward."""
-        sync = self.device.type == "cuda"
-        if sync:
-            torch.cuda.synchronize(self.device)
+        """``opt.step()`` with its time measured apart from forward/backward: by the host clock on
+        CPU, by a pair of CUDA events on GPU (read at the next :meth:`write_progress`, so timing
+        never synchronises the device)."""
+        if self.device.type == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            opt.step(closure) if closure is not None else opt.step()
+            end.record()
+            self._opt_events.append((start, end))
+            return
         t0 = time.perf_counter()
         opt.step(closure) if closure is not None else opt.step()
-        if sync:
-            torch.cuda.synchronize(self.device)
         self._opt_time += time.perf_counter() - t0
+
+    def _collect_opt_events(self) -> None:
+        """Add the CUDA-event times recorded so far to the optimizer time (synchronises once)."""
+        if self._opt_events:
+            self._opt_events[-1][1].synchronize()
+            self._opt_time += 1e-3 * sum(s.elapsed_time(e) for s, e in self._opt_events)
+            self._opt_events.clear()
 
     def end_round(self) -> None:
         """Count one global step of optimizer time (call once per round in custom loops)."""
         self._opt_steps += 1
 
-    def check_finite(self, value: float, what: str) -> None:
-        """Raise :class:`Diverged` when ``value`` is NaN, infinite or exploded:
-        ``|value| > task.explode_above`` (default :data:`EXPLODE_ABOVE`)."""
+    def check_finite(self, value: float, what: str, step: int | None = None) -> None:
+        """Raise :class:`Diverged` when ``value`` (of ``step``, default the current one) is NaN,
+        infinite or exploded: ``|value| > task.explode_above`` (default :data:`EXPLODE_ABOVE`)."""
+        step = self.step if step is None else step
         if not math.isfinite(value):
-            raise Diverged(self.step, what, value)
+            raise Diverged(step, what, value)
         limit = self.task.tcfg.get("explode_above")
         limit = EXPLODE_ABOVE if limit is None else float(limit)
         if abs(value) > limit:
-            raise Diverged(self.step, what, value, limit)
+            raise Diverged(step, what, value, limit)
+
+    def reads_loss_every_step(self) -> bool:
+        """Whether the supervised loop reads (and checks) each step's loss at once: on CPU, where
+        it costs nothing. On GPU the loop reads them at the log / evaluation / checkpoint cadence
+        instead, so it never waits for the device; a non-finite loss still ends the run as
+        diverged at its own step, and no checkpoint is written after it."""
+        return self.device.type != "cuda"
+
+    def watch_loss(self, loss: torch.Tensor) -> None:
+        """Queue this step's training loss (a 0-d tensor, not yet read) for :meth:`read_losses`."""
+        self._losses.append((self.step, loss.detach()))
+
+    def read_losses(self) -> float:
+        """Read the queued training losses (one device-to-host copy; under torchrun one
+        all-reduce, the mean over ranks as one process would log it), check each with
+        :meth:`check_finite` at its own step, and return the last one."""
+        steps, values = zip(*self._losses)
+        t = torch.stack([v.to(torch.float64) for v in values])
+        if self.dist.world > 1:
+            dist.all_reduce(t)
+            t = t / self.dist.world
+        self._losses.clear()
+        host = t.tolist()
+        for step, value in zip(steps, host):
+            self.check_finite(value, "training loss", step)
+        return host[-1]
 
     def check_metrics(self, metrics: dict[str, float], keys: Iterable[str] | None = None) -> None:
         """:meth:`check_finite` on every entry of ``metrics`` (or on those of ``keys`` it has)."""
@@ -310,7 +356,10 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Save ``state`` (models, optimizers, ...), the trainer position, RNG and the metric rows
-        so far (two checkpoints kept; a second signal waits for the write to finish)."""
+        so far (two checkpoints kept; a second signal waits for the write to finish). Losses
+        not yet read are checked first: a checkpoint never holds a diverged state."""
+        if self._losses:
+            self.read_losses()
         rec = self.record
         full = {
             "user": state,
@@ -357,6 +406,7 @@ class Trainer:
 
     def write_progress(self) -> None:
         """Write the position and resource figures so far into the summary."""
+        self._collect_opt_events()
         if self.record is None:
             return
         self.record.update(
@@ -432,8 +482,9 @@ class Trainer:
 
     def worker_gradient(
         self, task: Task, model: nn.Module, sub: Any, accum: int, create_graph: bool
-    ) -> float:
-        r"""Accumulate one worker's gradient over ``accum`` micro-batches of ``sub``; its loss.
+    ) -> torch.Tensor:
+        r"""Accumulate one worker's gradient over ``accum`` micro-batches of ``sub``; its loss
+        (a detached 0-d tensor: reading it would synchronise the device).
 
         Micro-batch :math:`j` (:math:`n_j` samples of :meth:`Task.count`, :math:`n = \sum_j n_j`)
         adds :math:`(n_j/n)\,\nabla \ell_j`, so the gradient is
@@ -443,13 +494,14 @@ class Trainer:
         """
         micro = task.split_batch(sub, accum) if accum > 1 else [sub]
         counts = [task.count(b) for b in micro]
-        total, value = float(sum(counts)), 0.0
+        total = float(sum(counts))
+        value = torch.zeros((), dtype=torch.float64, device=self.device)
         for b, n in zip(micro, counts):
             w = n / total
             with autocast(self.device, self.tc.precision):
                 loss = task.loss(model, b)
             (loss * w if len(micro) > 1 else loss).backward(create_graph=create_graph)
-            value += w * float(loss.detach())
+            value = value + w * loss.detach().double()
         return value
 
     def fit(self, task: Task) -> None:
@@ -489,7 +541,7 @@ class Trainer:
                 batch = task.split_batch(batch, self.dist.world)[self.dist.rank]
             batch = to_device(batch, self.device)
             model.train()
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             subs = task.split_batch(batch, m)
             for sub in subs:
                 opt.zero_grad(set_to_none=True)
@@ -503,19 +555,17 @@ class Trainer:
             self.end_round()
             self.step += 1
             self.samples += n_batch
-            train_loss = loss_sum / len(subs)
-            if distributed:  # the loss of the whole batch, as one process would log it
-                t = torch.tensor([train_loss], device=self.device, dtype=torch.float64)
-                dist.all_reduce(t)
-                train_loss = float(t) / self.dist.world
-            self.check_finite(train_loss, "training loss")
+            self.watch_loss(loss_sum / len(subs))
             bar.update(1)
-            if self.log_due():
+            log_due, eval_due = self.log_due(), self.eval_due()
+            if self.reads_loss_every_step() or log_due or eval_due:
+                train_loss = self.read_losses()
+            if log_due:
                 row = {"loss": train_loss, "lr": opt.param_groups[0]["lr"]}
                 row.update(round_telemetry(opt))
                 self.log("train", row)
                 bar.set_postfix_str(f"loss={train_loss:.4g}")
-            if self.eval_due():
+            if eval_due:
                 model.eval()
                 with torch.no_grad(), autocast(self.device, tc.precision):
                     self.record_eval(task.evaluate(model))

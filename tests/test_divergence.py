@@ -112,3 +112,36 @@ def test_federated_and_rl_loops_use_the_same_limit(task: str, what: str, run_cfg
     )
     assert summary["status"] == "diverged", summary.get("error")
     assert what in summary["error"] and "explode_above=1e-09" in summary["error"]
+
+
+@pytest.mark.parametrize("every_step", [True, False])
+def test_training_loss_read_late_still_diverges_at_its_step(
+    every_step: bool, run_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervised loop reads its losses every step (CPU) or at the log cadence (GPU: no
+    device sync per step). Either way an infinite loss at step 7 (log_every 10) ends the run
+    ``diverged`` at step 7 with the rows logged before it, and no checkpoint holds a state past
+    step 6 (checkpoints every 4 steps: the one due at step 8 reads the pending losses first)."""
+    import torch
+
+    from experiments.checkpoints import CheckpointStore
+    from experiments.trainer import Trainer
+
+    original = Trainer.worker_gradient
+
+    def gradient(self, task, model, sub, accum, create_graph):  # type: ignore[no-untyped-def]
+        value = original(self, task, model, sub, accum, create_graph)
+        return value * math.inf if self.step == 6 else value  # the 7th round
+
+    monkeypatch.setattr(Trainer, "worker_gradient", gradient)
+    monkeypatch.setattr(Trainer, "reads_loss_every_step", lambda self: every_step)
+    summary, run_dir = run_cfg([
+        "task=quickstart_mnist", "scale=smoke", "optim=adamw", "train.threads=1",
+        "train.epochs=null", "train.max_steps=20", "train.log_every=10", "train.eval_every=0",
+        "train.ckpt_every=4", f"name=late_{every_step}",
+    ])
+    assert summary["status"] == "diverged" and summary["diverged_step"] == 7
+    assert "training loss is inf at step 7" in summary["error"]
+    assert {int(r["step"]) for r in _rows(run_dir)} <= set(range(7))
+    loaded, _ = CheckpointStore(run_dir, 0).load(map_location=torch.device("cpu"))
+    assert loaded is not None and loaded.step == 4
