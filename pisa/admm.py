@@ -277,10 +277,12 @@ class PISA(Optimizer):
             dtype, reduced after the whole local step. The sums are the same either way (bit
             for bit with 2 ranks; with more, the backend's per-element summation order may
             depend on the layout, as with DDP's buckets). See :class:`pisa.distributed.FlatBuckets`.
-        comm_dtype: distributed mode: the dtype the sum travels in, e.g. ``torch.bfloat16`` (as
-            the official GPT-2 code's consensus all-reduce; half the bytes of float32): each
-            bucket is cast, reduced and cast back, so each rank's contribution and the sum are
-            rounded to it (bfloat16: relative error up to ``2^-8`` per rounding). Measured
+        comm_dtype: distributed mode: the dtype the sum travels in, e.g. ``torch.bfloat16``
+            (half the bytes of float32; the official GPT-2 code all-reduces ``sigma w_i + pi_i``
+            in a float16 buffer, bfloat16 in its last steps, so its rounding is relative to
+            ``w``; here the reduced quantity is the round's difference, so it is relative to the
+            move): each bucket is cast, reduced and cast back, so each rank's contribution and
+            the sum are rounded to it (bfloat16: relative error up to ``2^-8`` each). Measured
             against the exact run on the tests' tiny model (2 ranks, float64 parameters,
             constant LR): SISA's weights differ by 0.3% of the distance they moved, flat from 10
             to 100 rounds (the loss equal to 4 digits); NSISA's trajectory there amplifies any

@@ -7,7 +7,7 @@ dtype, each bucket's ``all_reduce`` launched asynchronously as soon as the local
 tensors is done, all waited on before the consensus is written back (gloo on CPU, NCCL on GPU;
 whatever the process group was initialised with, e.g. by ``torchrun``).
 
-PISA does its own communication (one all-reduce per round), so the gradients in ``.grad`` must be
+PISA does its own communication (one bucketed sum per round), so the gradients in ``.grad`` must be
 each rank's *own*: a model wrapped in ``DistributedDataParallel`` (also by
 ``accelerate.Accelerator.prepare``) averages them during ``backward()``, which silently turns the
 m workers into one. Either train the unwrapped module (:func:`prepare`) or run every backward
