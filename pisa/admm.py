@@ -100,6 +100,42 @@ def _chunks(lists: list[list[Tensor]], size: int | None) -> Iterator[list[list[T
         yield piece
 
 
+class _Part(NamedTuple):
+    """A run of one group's trainable parameters, in parameter order: those the worker steps
+    (with their raw gradients) and those it skips; ``end``: the position, counted over all
+    trainable parameters, after the run."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    raw: list[Tensor | None]
+    skipped: list[Tensor]
+    end: int
+
+
+def _parts(
+    groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor | None, bool]]]],
+    bounds: frozenset[int],
+) -> Iterator[_Part]:
+    """Each group's ``(parameter, gradient, stepped)`` entries as :class:`_Part` runs, cut at
+    the positions in ``bounds`` (where a communication bucket becomes final) and at the group's
+    end."""
+    pos = 0
+    for group, entries in groups:
+        params: list[Tensor] = []
+        raw: list[Tensor | None] = []
+        skipped: list[Tensor] = []
+        for k, (p, g, stepped) in enumerate(entries):
+            pos += 1
+            if stepped:
+                params.append(p)
+                raw.append(g)
+            else:
+                skipped.append(p)
+            if pos in bounds or k == len(entries) - 1:
+                yield _Part(group, params, raw, skipped, pos)
+                params, raw, skipped = [], [], []
+
+
 class _Worker(NamedTuple):
     """The stepping worker: its state slot ``local``, its weight ``alpha`` (telemetry), the
     weight ``alpha_t`` of its target update (1 when ``w`` is updated in place) and the round
@@ -160,10 +196,12 @@ class PISA(Optimizer):
       ``w`` during the round and every ``m``-th call writes the new ``w``.
     * distributed (``torch.distributed`` initialised; ``distributed=None`` picks it when the world
       size is > 1): one rank is one worker, ``n_workers`` is the world size and every ``step()`` is
-      a full round with one ``all_reduce``. Ranks must start from equal parameters (see
-      :func:`pisa.distributed.prepare`) and must *not* average gradients themselves (no
-      ``DistributedDataParallel`` gradient sync): the first step checks both with one small
-      all-reduce and raises with the fix (``check_distributed=False`` turns the check off).
+      a full round with one sum over the ranks (``bucket_mb``, ``comm_dtype``: how it is cut into
+      overlapped all-reduces and in which dtype it travels). Ranks must start from equal
+      parameters (see :func:`pisa.distributed.prepare`) and must *not* average gradients
+      themselves (no ``DistributedDataParallel`` gradient sync): the first step checks both
+      with one small all-reduce and raises with the fix (``check_distributed=False`` turns the
+      check off).
 
     Missing gradients (``none_grad="skip"``, the default, as ``torch.optim``): a parameter whose
     ``.grad`` is ``None`` in every worker of a round is not touched (value, dual, state, weight
@@ -229,6 +267,29 @@ class PISA(Optimizer):
             or their gradients are identical (averaged by DDP / accelerate).
         capturable, differentiable: accepted for signature compatibility; only ``False`` (the
             round position lives on the host; the update is not differentiable).
+        bucket_mb: distributed mode: the round's sum ``sum_i alpha_i (w_i - w + pi_i / sigma_t)``
+            is accumulated in persistent flat buffers (allocated at the first step, reused every
+            round, rebuilt only when the trainable parameters change) cut into buckets of at
+            most this many MiB of the parameters' dtype (DDP's ``bucket_cap_mb``; a bucket never
+            mixes devices or dtypes). Each bucket's ``all_reduce`` starts (``async_op=True``) as
+            soon as the local step of its parameters is done, so it overlaps the rest of the
+            step; all are waited on before ``w`` is written. ``None``: one bucket per device and
+            dtype, reduced after the whole local step. The sums are the same either way (bit
+            for bit with 2 ranks; with more, the backend's per-element summation order may
+            depend on the layout, as with DDP's buckets). See :class:`pisa.distributed.FlatBuckets`.
+        comm_dtype: distributed mode: the dtype the sum travels in, e.g. ``torch.bfloat16``
+            (half the bytes of float32; the official GPT-2 code all-reduces ``sigma w_i + pi_i``
+            in a float16 buffer, bfloat16 in its last steps, so its rounding is relative to
+            ``w``; here the reduced quantity is the round's difference, so it is relative to the
+            move): each bucket is cast, reduced and cast back, so each rank's contribution and
+            the sum are rounded to it (bfloat16: relative error up to ``2^-8`` each). Measured
+            against the exact run on the tests' tiny model (2 ranks, float64 parameters,
+            constant LR): SISA's weights differ by 0.3% of the distance they moved, flat from 10
+            to 100 rounds (the loss equal to 4 digits); NSISA's trajectory there amplifies any
+            perturbation (float32 communication: 4e-8 of the distance at 25 rounds, 3e-5 at
+            100), so bfloat16's roundings grow to 0.4% (25), 4% (50) and 68% (100 rounds). On
+            the benchmark MLP (``results/bench/README.md``) SISA's error is 0.3-0.4%.
+            ``None`` (default): the parameters' dtype.
 
     Group keys a scheduler may edit: ``lr`` (the ratio ``sigma/rho`` is kept), ``momentum``
     (NSISA's ``mu``; inert in PISA/SISA, which warn once when it is set non-zero, e.g. by
@@ -273,9 +334,12 @@ class PISA(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        bucket_mb: float | None = 25.0,
+        comm_dtype: torch.dtype | None = None,
     ) -> None:
         # every argument is checked before ``params`` is touched (as torch.optim does)
         lr = _resolve_lr(lr, sigma, rho)
+        pdist.check_bucketing(bucket_mb, comm_dtype)
         if capturable:
             raise ValueError(
                 "capturable=True is not supported: the round position lives on the host"
@@ -328,6 +392,9 @@ class PISA(Optimizer):
         self.none_grad = none_grad
         self.check_distributed = bool(check_distributed)
         self._dist_checked = False
+        self._bucket_mb = bucket_mb
+        self._comm_dtype = comm_dtype
+        self._buckets: pdist.FlatBuckets | None = None  # built at the first distributed step
         self._momentum_warned = False
         self.track_residuals = track_residuals
         self._tel_partial: list[Tensor] | None = None
@@ -473,6 +540,13 @@ class PISA(Optimizer):
         return self._round
 
     @property
+    def comm_buckets(self) -> pdist.FlatBuckets | None:
+        """Distributed mode: the persistent consensus buffers
+        (:class:`pisa.distributed.FlatBuckets`), built at the first step and reused every round;
+        ``None`` before it and in virtual mode."""
+        return self._buckets
+
+    @property
     def requires_create_graph(self) -> bool:
         """True when the preconditioner needs ``loss.backward(create_graph=True)``."""
         return self.preconditioner.requires_create_graph
@@ -600,11 +674,14 @@ class PISA(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything (round position, workers, preconditioner), so that ``copy.deepcopy`` and
-        ``pickle`` give an optimizer that continues exactly; step hooks are not copied."""
-        return picklable_state(self)
+        ``pickle`` give an optimizer that continues exactly; step hooks and the communication
+        buffers (rebuilt at the next step) are not copied."""
+        return {**picklable_state(self), "_buckets": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for key, value in (("_bucket_mb", 25.0), ("_comm_dtype", None), ("_buckets", None)):
+            self.__dict__.setdefault(key, value)
 
     def _first_device(self) -> torch.device:
         for group in self.param_groups:
@@ -662,16 +739,15 @@ class PISA(Optimizer):
             self._round_seen = set()
         zero_mode = self.none_grad == "zero"
 
-        # gather: stepped parameters (with a gradient, or all in "zero" mode) and skipped ones
-        work: list[tuple[dict[str, Any], list[Tensor], list[Tensor | None], list[Tensor]]] = []
+        # gather, group by group in parameter order: every trainable parameter, and whether
+        # this worker steps it (a gradient, or "zero" mode) or skips it
+        groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor | None, bool]]]] = []
         trainable: list[Tensor] = []
         stepped_all: list[Tensor] = []
         raw_all: list[Tensor | None] = []
         flat = -1
         for group in self.param_groups:
-            params: list[Tensor] = []
-            raw: list[Tensor | None] = []
-            skipped: list[Tensor] = []
+            entries: list[tuple[Tensor, Tensor | None, bool]] = []
             for p in group["params"]:
                 flat += 1
                 if not p.requires_grad:
@@ -681,7 +757,7 @@ class PISA(Optimizer):
                 if g is not None and g.is_sparse:
                     raise RuntimeError("PISA optimizers do not support sparse gradients")
                 if g is None and not zero_mode:
-                    skipped.append(p)
+                    entries.append((p, None, False))
                     continue
                 if "dual" not in self.state[p]:
                     if zero_mode and not first:
@@ -690,12 +766,11 @@ class PISA(Optimizer):
                             "parameters can only join at a round's first step()"
                         )
                     self._init_state(p, group, local)
-                params.append(p)
-                raw.append(g)
+                entries.append((p, g, True))
+                stepped_all.append(p)
+                raw_all.append(g)
                 self._round_seen.add(flat)
-            work.append((group, params, raw, skipped))
-            stepped_all += params
-            raw_all += raw
+            groups.append((group, entries))
         if not trainable or (self._n_workers == 1 and not stepped_all):
             return loss  # nothing to do (as torch.optim: no gradients, no step)
 
@@ -715,7 +790,7 @@ class PISA(Optimizer):
         if self._distributed:
             # every rank lays out all trainable parameters the same way; the extras carry the
             # telemetry sums and one "had a gradient" count per parameter
-            buckets = pdist.FlatBuckets(trainable, n_extra=2 + len(trainable))
+            buckets = self._consensus_buckets(trainable)
             target_of = {id(p): v for p, v in zip(trainable, buckets.views)}
             alpha_t = alpha
         elif self._n_local > 1:
@@ -725,7 +800,9 @@ class PISA(Optimizer):
 
         worker = _Worker(local, alpha, alpha_t, t)
         offset = 0
-        for group, params, raw, skipped in work:
+        parts = list(_parts(groups, frozenset() if buckets is None else buckets.bounds))
+        for part in parts:
+            group, params, raw, skipped = part.group, part.params, part.raw, part.skipped
             if self._distributed:
                 targets = [target_of[id(p)] for p in params]
             elif self._n_local > 1:
@@ -744,6 +821,8 @@ class PISA(Optimizer):
                 offset += n
             if skipped and (self._distributed or self._n_local > 1):
                 self._skipped_contribution(group, skipped, target_of, local, alpha)
+            if buckets is not None:  # this part's buckets are final: start their all-reduce
+                buckets.start(part.end)
 
         # close the round
         if self._distributed:
@@ -752,7 +831,7 @@ class PISA(Optimizer):
             flags = [1.0 if id(p) in stepped_ids else 0.0 for p in trainable]
             buckets.extra[:2].copy_(torch.stack(self._tel_partial).to(buckets.extra.dtype))
             buckets.extra[2:].copy_(torch.tensor(flags, dtype=buckets.extra.dtype))
-            buckets.all_reduce_()
+            buckets.wait()
             self._tel_partial = [
                 t.to(device=device, dtype=torch.float32) for t in buckets.extra[:2]
             ]
@@ -770,8 +849,21 @@ class PISA(Optimizer):
                 self._round_done = False
                 return loss
         else:
-            self._finish_round([(g, ps, None) for g, ps, _, _ in work if ps])
+            self._finish_round([(p.group, p.params, None) for p in parts if p.params])
         return loss
+
+    def _consensus_buckets(self, trainable: list[Tensor]) -> pdist.FlatBuckets:
+        """The persistent consensus buffers over ``trainable``, zeroed (built at the first
+        distributed step, rebuilt only when the trainable parameters' layout changes)."""
+        n_extra = 2 + len(trainable)
+        buckets = self._buckets
+        if buckets is not None and buckets.matches(trainable, n_extra):
+            buckets.zero_()
+            return buckets
+        self._buckets = pdist.FlatBuckets(
+            trainable, n_extra, bucket_mb=self._bucket_mb, comm_dtype=self._comm_dtype
+        )
+        return self._buckets
 
     def _skipped_contribution(
         self,

@@ -124,6 +124,13 @@ class NSISA(PISA):
         check_distributed: at the first distributed step, raise when the ranks' parameters
             differ or their gradients were averaged (DDP / accelerate).
         capturable, differentiable: only ``False`` is supported.
+        bucket_mb: distributed mode: MiB per bucket of the consensus all-reduce (persistent
+            buffers, a bucket never mixes devices or dtypes), each bucket started
+            asynchronously once its parameters' local step is done (``None``: one bucket per
+            device and dtype, after the whole step). The same sums either way.
+        comm_dtype: distributed mode: the dtype the consensus sum travels in (e.g.
+            ``torch.bfloat16``: half the bytes, each contribution and the sum rounded);
+            ``None`` (default): the parameters' dtype.
     """
 
     _elementwise_direction = False
@@ -163,6 +170,8 @@ class NSISA(PISA):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        bucket_mb: float | None = 25.0,
+        comm_dtype: torch.dtype | None = None,
     ) -> None:
         _check_beta(beta)
         if sigma is None:  # c = sigma * lr = 4/9: the paper's GPT-2 ratio sigma : rho = 80 : 100
@@ -217,6 +226,8 @@ class NSISA(PISA):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            bucket_mb=bucket_mb,
+            comm_dtype=comm_dtype,
         )
 
     @staticmethod

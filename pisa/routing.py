@@ -103,7 +103,10 @@ class Hybrid(Optimizer):
     * distributed mode (``torch.distributed`` with world size > 1, or ``distributed=True``): the
       companion's gradients are averaged across ranks (weighted by the main's worker weights when
       it has them) before it steps; a main optimizer without its own communication (not
-      PISA-family, e.g. Muon) gets its gradients averaged too, as DDP would.
+      PISA-family, e.g. Muon) gets its gradients averaged too, as DDP would. The companion's
+      all-reduce (persistent buckets, :class:`pisa.distributed.GradientSum`) is started before
+      the main optimizer's step and waited on after it, so it travels in the same round as the
+      main's consensus buckets, overlapping the main's local step.
     * otherwise it steps on every call (a main optimizer without ``round_done`` makes every step
       a round).
 
@@ -123,6 +126,10 @@ class Hybrid(Optimizer):
         main: the optimizer of the hidden matrices (a PISA-family optimizer, Muon, ...).
         companion: the optimizer of the rest, or ``None``.
         distributed: ``None``: the main's mode (PISA-family) or auto (world size > 1).
+        bucket_mb: distributed mode: MiB per bucket of the gradient all-reduces (``None``: one
+            bucket per device and dtype); the main's consensus has its own ``bucket_mb``.
+        comm_dtype: distributed mode: the dtype the gradient sums travel in (``None``: the
+            gradients' dtype); the main's consensus has its own ``comm_dtype``.
     """
 
     def __init__(
@@ -131,7 +138,10 @@ class Hybrid(Optimizer):
         companion: Optimizer | None = None,
         *,
         distributed: bool | None = None,
+        bucket_mb: float | None = 25.0,
+        comm_dtype: torch.dtype | None = None,
     ) -> None:
+        pdist.check_bucketing(bucket_mb, comm_dtype)
         main_ids = {id(p) for g in main.param_groups for p in g["params"]}
         if companion is not None:
             shared = [p for g in companion.param_groups for p in g["params"] if id(p) in main_ids]
@@ -148,6 +158,10 @@ class Hybrid(Optimizer):
         else:
             self._distributed = pdist.resolve_distributed(distributed)
         self._accum: dict[Tensor, Tensor] = {}
+        #: persistent gradient all-reduces of the companion and of a main without its own
+        self._grad_sums = {
+            key: pdist.GradientSum(bucket_mb, comm_dtype) for key in ("main", "companion")
+        }
         merged = {k: v for k, v in {**(companion.defaults if companion else {}),
                                      **main.defaults}.items() if k != "betas"}
         merged.setdefault("momentum", 0.0)
@@ -293,16 +307,21 @@ class Hybrid(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._sync_beta1()
-        if self._distributed and not self._main_is_pisa:
-            self._reduce_grads(self._params_of(self.main), 1.0 / pdist.world_size())
         if self._main_is_pisa:
             alpha = self.worker_weights[self.worker_index]
         else:
             alpha = 1.0 / pdist.world_size() if self._distributed else 1.0
+        params = self._companion_params()
+        companion_sum = self._grad_sums["companion"]
+        if self._distributed and self.companion is not None:
+            companion_sum.start(params, alpha)  # in flight during the main's step
+        if self._distributed and not self._main_is_pisa:
+            main_sum = self._grad_sums["main"]
+            main_sum.start(self._params_of(self.main), 1.0 / pdist.world_size())
+            main_sum.finish()
         self.main.step()
         if self.companion is None:
             return loss
-        params = self._companion_params()
         if self._virtual_rounds():
             for p in params:
                 if p.grad is None:
@@ -322,7 +341,7 @@ class Hybrid(Optimizer):
                         p.grad.copy_(buf)
                 self.companion.step()
         elif self._distributed:
-            self._reduce_grads(params, alpha)
+            companion_sum.finish()
             self.companion.step()
         else:
             self.companion.step()
@@ -331,24 +350,6 @@ class Hybrid(Optimizer):
     @staticmethod
     def _params_of(opt: Optimizer) -> list[Tensor]:
         return [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
-
-    @staticmethod
-    def _reduce_grads(params: list[Tensor], scale: float) -> None:
-        """``.grad <- sum over ranks of scale * .grad`` in one all-reduce; a parameter without a
-        gradient on every rank keeps ``None`` (one host sync, only when some rank lacks one)."""
-        if not params:
-            return
-        present = [p.grad is not None for p in params]
-        flags = torch.tensor([float(x) for x in present], device=params[0].device)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
-        pdist.all_reduce_sum_([*grads, flags], scale=scale)
-        if not all(present):
-            for p, weight in zip(params, flags.tolist()):  # sum of the scales of ranks with one
-                if weight <= 0.0:
-                    p.grad = None
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -383,11 +384,20 @@ class Hybrid(Optimizer):
                 self._beta1_mirror[key] = group["momentum"]
 
     def __getstate__(self) -> dict[str, Any]:
-        """Everything (both optimizers, accumulators), so deepcopy / pickle continue exactly."""
-        return picklable_state(self)
+        """Everything (both optimizers, accumulators), so deepcopy / pickle continue exactly;
+        the gradient all-reduce buffers start afresh."""
+        state = picklable_state(self)
+        state["_grad_sums"] = {
+            key: pdist.GradientSum(gs.bucket_mb, gs.comm_dtype)
+            for key, gs in self._grad_sums.items()
+        }
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault(
+            "_grad_sums", {key: pdist.GradientSum() for key in ("main", "companion")}
+        )
 
     def __repr__(self) -> str:
         return f"Hybrid(\n  main={self.main!r},\n  companion={self.companion!r}\n)"
@@ -423,12 +433,14 @@ def hybrid(
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     require_2d: bool = False,
     distributed: bool | None = None,
+    bucket_mb: float | None = 25.0,
 ) -> Hybrid:
     """``Hybrid(main(hidden), companion(rest))`` with :func:`split_hidden_matrices`.
 
     ``main`` / ``companion`` are callables ``params -> Optimizer`` (``companion`` also a name:
     ``adamw``, ``adam``, ``sgd``, ``sisa``, built with ``companion_kwargs``). The companion is
-    omitted when there is nothing left for it. Example (the Muon baseline)::
+    omitted when there is nothing left for it; ``bucket_mb`` is :class:`Hybrid`'s (the gradient
+    all-reduces in distributed mode). Example (the Muon baseline)::
 
         hybrid(model, lambda ps: torch.optim.Muon(ps, lr=0.02), require_2d=True,
                companion_kwargs={"lr": 3e-4, "betas": (0.9, 0.95)})
@@ -437,7 +449,7 @@ def hybrid(
     if not hidden:
         raise ValueError("the model has no hidden matrices for the main optimizer")
     comp = _build_companion(companion, rest, dict(companion_kwargs or {})) if rest else None
-    return Hybrid(main(hidden), comp, distributed=distributed)
+    return Hybrid(main(hidden), comp, distributed=distributed, bucket_mb=bucket_mb)
 
 
 def hybrid_nsisa(
@@ -450,7 +462,9 @@ def hybrid_nsisa(
 ) -> Hybrid:
     """NSISA on the hidden matrices and ``companion`` (AdamW) on the rest, as the paper's GPT-2
     code. ``nsisa_kwargs`` go to :class:`~pisa.NSISA` (``lr``, ``sigma``, ``n_workers``, ...).
-    The official run used AdamW with ``betas=(0.9, 0.95)``, ``lr=0.0036`` for embeddings/head."""
+    The official run used AdamW with ``betas=(0.9, 0.95)``, ``lr=0.0036`` for embeddings/head.
+    In distributed mode ``bucket_mb`` also cuts the companion's gradient all-reduce;
+    ``comm_dtype`` is the consensus' only (the companion's gradients travel in their dtype)."""
     from .nsisa import NSISA
 
     distributed = nsisa_kwargs.get("distributed")
@@ -461,5 +475,6 @@ def hybrid_nsisa(
         companion_kwargs=companion_kwargs,
         exclude=exclude,
         distributed=distributed,
+        bucket_mb=nsisa_kwargs.get("bucket_mb", 25.0),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch.optim.optimizer import ParamsT
 
 from .admm import LR, PISA
@@ -64,6 +65,13 @@ class SISA(PISA):
         check_distributed: at the first distributed step, raise when the ranks' parameters
             differ or their gradients were averaged (DDP / accelerate).
         capturable, differentiable: only ``False`` is supported.
+        bucket_mb: distributed mode: MiB per bucket of the consensus all-reduce (persistent
+            buffers, a bucket never mixes devices or dtypes), each bucket started
+            asynchronously once its parameters' local step is done (``None``: one bucket per
+            device and dtype, after the whole step). The same sums either way.
+        comm_dtype: distributed mode: the dtype the consensus sum travels in (e.g.
+            ``torch.bfloat16``: half the bytes, each contribution and the sum rounded);
+            ``None`` (default): the parameters' dtype.
     """
 
     def __init__(
@@ -91,6 +99,8 @@ class SISA(PISA):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        bucket_mb: float | None = 25.0,
+        comm_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -114,4 +124,6 @@ class SISA(PISA):
             capturable=capturable,
             differentiable=differentiable,
             fused=fused,
+            bucket_mb=bucket_mb,
+            comm_dtype=comm_dtype,
         )
