@@ -38,6 +38,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,31 @@ class Preempted(RuntimeError):
     """Stopped by a signal (or ``train.preempt_at_step``) after saving a checkpoint."""
 
 
+@dataclass(frozen=True)
+class Cadence:
+    """When the loops log, evaluate, checkpoint and stop: the ``train`` keys, read once per run
+    (a config lookup per step and key costs more than a small model's step on GPU)."""
+
+    log_every: int  # steps between training rows (>= 1)
+    eval_every: int  # steps between evaluations (0: only at the end)
+    ckpt_every: int  # steps between checkpoints (0: off)
+    ckpt_every_min: float  # minutes of wall time between checkpoints (0: off)
+    ckpt_at_eval: bool  # a checkpoint after each evaluation
+    preempt_at_step: int | None  # simulate a preemption at this step (tests)
+
+    @classmethod
+    def of(cls, tc: DictConfig) -> Cadence:
+        at = tc.get("preempt_at_step")
+        return cls(
+            log_every=max(int(tc.get("log_every") or 1), 1),
+            eval_every=int(tc.get("eval_every") or 0),
+            ckpt_every=int(tc.get("ckpt_every") or 0),
+            ckpt_every_min=float(tc.get("ckpt_every_min") or 0),
+            ckpt_at_eval=bool(tc.get("ckpt_at_eval", True)),
+            preempt_at_step=None if at is None else int(at),
+        )
+
+
 class Trainer:
     """Runs a :class:`Task` under the ``train`` config and records it in a :class:`RunRecord`."""
 
@@ -104,6 +130,9 @@ class Trainer:
         resume: Loaded | None = None,
     ) -> None:
         self.cfg, self.tc, self.task = cfg, cfg.train, task
+        self.cadence = Cadence.of(cfg.train)
+        limit = task.tcfg.get("explode_above")
+        self.explode_above = EXPLODE_ABOVE if limit is None else float(limit)
         self.record = record  # None on ranks other than 0
         self.run_dir = run_dir
         self.store = CheckpointStore(run_dir, dist_info.rank)
@@ -145,13 +174,13 @@ class Trainer:
         return [bool(v) for v in t.tolist()]
 
     def _local_stop(self) -> bool:
-        at = self.tc.get("preempt_at_step")
+        at = self.cadence.preempt_at_step
         return stop.STOP.is_set() or (
             at is not None and self.step == int(at) and self.step < self.max_steps
         )
 
     def _late(self) -> bool:
-        minutes = float(self.tc.get("ckpt_every_min") or 0)
+        minutes = self.cadence.ckpt_every_min
         return bool(minutes) and time.monotonic() - self._last_ckpt[2] >= 60 * minutes
 
     def stop_requested(self) -> bool:
@@ -168,20 +197,19 @@ class Trainer:
         ranks save the same step)."""
         if self.step == self._last_ckpt[0]:
             return False
-        every = int(self.tc.get("ckpt_every") or 0)
+        every = self.cadence.ckpt_every
         due = bool(every and self.step % every == 0)
-        due |= bool(self.tc.get("ckpt_at_eval", True)) and self._evaluated
+        due |= self.cadence.ckpt_at_eval and self._evaluated
         due |= self.max_steps > 0 and self.step >= self.max_steps
         return due or (self._agree(self._late())[0] if late is None else late)
 
     def log_due(self) -> bool:
         """A training row is due: every ``train.log_every`` steps and at the last one."""
-        every = max(int(self.tc.get("log_every") or 1), 1)
-        return self.step % every == 0 or self.step >= self.max_steps
+        return self.step % self.cadence.log_every == 0 or self.step >= self.max_steps
 
     def eval_due(self) -> bool:
         """An evaluation is due: every ``train.eval_every`` steps (0: never) and at the last."""
-        every = int(self.tc.get("eval_every") or 0)
+        every = self.cadence.eval_every
         return bool(every and self.step % every == 0) or self.step >= self.max_steps
 
     def set_checkpoint_state(self, state: Callable[[], dict[str, Any]]) -> None:
@@ -259,8 +287,7 @@ class Trainer:
         step = self.step if step is None else step
         if not math.isfinite(value):
             raise Diverged(step, what, value)
-        limit = self.task.tcfg.get("explode_above")
-        limit = EXPLODE_ABOVE if limit is None else float(limit)
+        limit = self.explode_above
         if abs(value) > limit:
             raise Diverged(step, what, value, limit)
 

@@ -414,7 +414,7 @@ class _Bridge(BaseCallback):
     def _on_rollout_start(self) -> None:
         """Called after the previous rollout's update: its statistics, evaluation and checkpoint
         cadences (so an evaluation sees the policy updated on every step counted)."""
-        log_every = max(int(self.trainer.tc.log_every or 1), 1)
+        log_every = self.trainer.cadence.log_every
         self.flush_train_stats(write=self.rollouts % log_every == 0)
         t = self.model.num_timesteps
         if self.every and t >= self.task.next_eval:
@@ -426,7 +426,7 @@ class _Bridge(BaseCallback):
 
     def _on_rollout_end(self) -> None:
         self.rollouts += 1
-        log_every = max(int(self.trainer.tc.log_every or 1), 1)
+        log_every = self.trainer.cadence.log_every
         if self.new_episodes and self.rollouts % log_every == 0:
             self.trainer.log(
                 "train",

@@ -64,6 +64,10 @@ class ImageClassification(Task):
     def accepted_data_keys(cls, data: DictConfig) -> frozenset[str]:
         return image_data_keys(data) | {"augment", "val_fraction"}
 
+    def __init__(self, cfg: DictConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.label_smoothing = float(self.tcfg.get("label_smoothing", 0.0))  # read once
+
     def setup(self) -> None:
         self.data = load_images(self.tcfg.data, self.data_dir)
         if self.data.note:
@@ -113,9 +117,7 @@ class ImageClassification(Task):
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(
-            model(x), y, label_smoothing=float(self.tcfg.get("label_smoothing", 0.0))
-        )
+        return F.cross_entropy(model(x), y, label_smoothing=self.label_smoothing)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """``accuracy`` / ``loss`` on test and, with a validation split, ``val_accuracy`` /
