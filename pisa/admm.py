@@ -19,6 +19,7 @@ from torch.optim.optimizer import ParamsT
 
 from . import distributed as pdist
 from . import fused as pfused
+from .chunking import chunks, resolve_chunk_size
 from .preconditioners import Preconditioner, make_preconditioner
 from .protocol import picklable_state
 
@@ -64,40 +65,6 @@ def _sum_sq_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
         return torch.zeros((), device=device)
     norms = torch._foreach_norm(tensors)
     return torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]).square().sum()
-
-
-def _chunks(lists: list[list[Tensor]], size: int | None) -> Iterator[list[list[Tensor]]]:
-    """Cut aligned tensor lists (same shapes position by position) into pieces of about
-    ``size`` elements: small tensors are grouped, large contiguous ones split into flat views.
-    ``size`` None or <= 0: one piece."""
-    n = len(lists[0])
-    if not size or size <= 0 or sum(t.numel() for t in lists[0]) <= size:
-        yield lists
-        return
-    piece: list[list[Tensor]] = [[] for _ in lists]
-    filled = 0
-    for j in range(n):
-        numel = lists[0][j].numel()
-        splittable = numel > size and all(lst[j].is_contiguous() for lst in lists)
-        if not splittable:
-            if filled and filled + numel > size:
-                yield piece
-                piece, filled = [[] for _ in lists], 0
-            for out, lst in zip(piece, lists):
-                out.append(lst[j])
-            filled += numel
-            continue
-        flats = [lst[j].view(-1) for lst in lists]
-        for a in range(0, numel, size):
-            b = min(a + size, numel)
-            if filled and filled + (b - a) > size:
-                yield piece
-                piece, filled = [[] for _ in lists], 0
-            for out, flat in zip(piece, flats):
-                out.append(flat[a:b])
-            filled += b - a
-    if filled or any(piece):
-        yield piece
 
 
 class _Part(NamedTuple):
@@ -989,7 +956,7 @@ class PISA(Optimizer):
         flat pieces and the pipeline runs piece by piece: the temporaries stay small (reused by
         the allocator, mostly in cache) instead of being parameter-sized.
         """
-        size = self._resolve_chunk_size(params[0].device)
+        size = resolve_chunk_size(self.chunk_size, params[0].device)
         t = worker.t
         kind = (pfused.precond_kind(path.precond)
                 if group["fused"] and aux is None and not group["scaled_dual"] else None)
@@ -1001,7 +968,7 @@ class PISA(Optimizer):
             return
         if path.elementwise:
             lists = [params, grads, targets, *wstate.values()] + ([aux] if aux is not None else [])
-            for piece in _chunks(lists, size):
+            for piece in chunks(lists, size):
                 cp, cg, ct, *rest = piece
                 cw = dict(zip(wstate.keys(), rest[: len(wstate)]))
                 caux = rest[len(wstate)] if aux is not None else None
@@ -1020,7 +987,7 @@ class PISA(Optimizer):
                                        add_dual=False)
                     continue
                 lists = [bp, s, bt, *bw.values()] + ([baux] if baux is not None else [])
-                for piece in _chunks(lists, size):
+                for piece in chunks(lists, size):
                     cp, cs, ct, *rest = piece
                     cw = dict(zip(bw.keys(), rest[: len(bw)]))
                     caux = rest[len(bw)] if baux is not None else None
@@ -1029,16 +996,6 @@ class PISA(Optimizer):
     def _direction_batches(self, params: list[Tensor], size: int | None) -> list[list[int]]:
         """Index batches for a non-elementwise direction (default: all parameters at once)."""
         return [list(range(len(params)))]
-
-    def _resolve_chunk_size(self, device: torch.device) -> int | None:
-        size = self.chunk_size
-        if size == "auto":
-            if device.type != "cpu":
-                return None
-            return (1 << 18) * max(1, torch.get_num_threads() // 2)
-        if size is not None and not isinstance(size, int):
-            raise ValueError(f"chunk_size must be an int, None or 'auto', got {size!r}")
-        return size
 
     @staticmethod
     def _update_coefficients(
