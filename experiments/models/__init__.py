@@ -22,10 +22,6 @@ MODELS: dict[str, str] = {
 }
 
 
-def register(name: str, target: str) -> None:
-    MODELS[name] = target
-
-
 def build_model(cfg: DictConfig | dict[str, Any], **extra: Any) -> nn.Module:
     """Build the model ``cfg.name`` with the remaining keys (and ``extra``) as arguments."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
