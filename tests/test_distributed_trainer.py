@@ -64,6 +64,7 @@ def _losses(run_dir: Path) -> list[float]:
         ("sisa", ["optim.n_workers=2"]),
         ("nsisa", ["optim.n_workers=2"]),
         ("adamw", []),
+        ("sgdm", []),  # scale-sensitive (AdamW is not): the gradients are averaged, not summed
     ],
 )
 def test_torchrun_matches_single_process(
