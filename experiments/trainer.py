@@ -68,7 +68,7 @@ from experiments.runtime import (
 from experiments.schedules import lr_multiplier
 from experiments.tasks.base import Task, to_device
 from pisa import is_consensus
-from pisa.distributed import all_reduce_sum_
+from pisa.distributed import GradientSum
 
 log = logging.getLogger("pisa-bench")
 
@@ -176,7 +176,7 @@ class Trainer:
     def _local_stop(self) -> bool:
         at = self.cadence.preempt_at_step
         return stop.STOP.is_set() or (
-            at is not None and self.step == int(at) and self.step < self.max_steps
+            at is not None and self.step == at and self.step < self.max_steps
         )
 
     def _late(self) -> bool:
@@ -494,11 +494,6 @@ class Trainer:
             self.epoch += 1
             self.batch_in_epoch = 0
 
-    def _sync_grads(self, model: nn.Module) -> None:
-        """Average gradients across ranks (what DDP does), for non-PISA optimizers."""
-        all_reduce_sum_([p.grad for p in model.parameters() if p.grad is not None],
-                        scale=1.0 / self.dist.world)
-
     def grad_accum(self) -> int:
         """``train.grad_accum`` (micro-batches per worker gradient), checked."""
         k = self.tc.get("grad_accum")
@@ -551,6 +546,9 @@ class Trainer:
             sched.load_state_dict(state["scheduler"])
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         clip = tc.get("grad_clip")
+        params = list(model.parameters())
+        # non-PISA optimizers under torchrun: gradients averaged in persistent buckets
+        grad_sum = GradientSum() if distributed and not pisa_family else None
 
         def ckpt_state() -> dict[str, Any]:
             return {
@@ -573,8 +571,9 @@ class Trainer:
             for sub in subs:
                 opt.zero_grad(set_to_none=True)
                 loss_sum += self.worker_gradient(task, model, sub, accum, create_graph)
-                if distributed and not pisa_family:
-                    self._sync_grads(model)
+                if grad_sum is not None:  # what DDP does: the gradients averaged over ranks
+                    grad_sum.start(params, scale=1.0 / self.dist.world)
+                    grad_sum.finish()
                 if clip:
                     nn.utils.clip_grad_norm_(model.parameters(), float(clip))
                 self.optimizer_step(opt)
