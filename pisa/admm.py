@@ -55,8 +55,52 @@ def _resolve_lr(lr: LR | None, sigma: float, rho: float | None) -> LR:
 
 
 def _sigma_rho(lr: float, c: float) -> tuple[float, float]:
-    """``sigma_t = c / lr_t``, ``rho_t = (1 - c) / lr_t`` with ``c = sigma_0 * lr_0``."""
+    """``sigma_t = c / lr_t``, ``rho_t = (1 - c) / lr_t``."""
     return (math.inf, math.inf) if lr == 0 else (c / lr, (1.0 - c) / lr)
+
+
+def _step_lr_c(group: dict[str, Any], lr: float | None = None) -> tuple[float, float]:
+    r"""``(lr_t, c_t)`` with ``sigma_t + rho_t q = (c_t + (1 - c_t) q) / lr_t`` at the group's
+    learning rate ``lr`` (default: the round's, ``round_lr``). With ``r = lr / lr_0`` and
+    ``p = sigma_power``: ``sigma_t = sigma r^-p``, ``rho_t = rho r^-1``, so ``p = 1`` keeps
+    ``c_t = sigma * lr_0`` and ``lr_t = lr``."""
+    lr = group["round_lr"] if lr is None else lr
+    c = group["sigma"] * group["lr0"]
+    power = group["sigma_power"]
+    if power == 1.0 or lr == 0.0:
+        return lr, c
+    r = lr / group["lr0"]
+    sigma_t = group["sigma"] * r ** -power
+    rho_t = (1.0 - c) / group["lr0"] / r
+    return 1.0 / (sigma_t + rho_t), sigma_t / (sigma_t + rho_t)
+
+
+def _inv_sigma(group: dict[str, Any]) -> float:
+    """``1 / sigma_t`` of the round (0 at ``lr_t = 0``)."""
+    lr, c = _step_lr_c(group)
+    return lr / c
+
+
+def _consensus_scale(group: dict[str, Any]) -> float:
+    """``sigma_t``, the scale of a rounded consensus term ``alpha_i (sigma_t w_i + pi_i)``
+    (1 at ``lr_t = 0``, where ``w`` stays put)."""
+    inv_sigma = _inv_sigma(group)
+    return 1.0 / inv_sigma if inv_sigma > 0.0 else 1.0
+
+
+def parse_dtype(value: torch.dtype | str, what: str) -> torch.dtype:
+    """A floating ``torch.dtype`` from a dtype or a name (``"bfloat16"``, ``"bf16"``,
+    ``"torch.float16"``, ...); ``ValueError`` naming the argument ``what`` otherwise."""
+    if isinstance(value, str):
+        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                   "float": "float32", "fp64": "float64", "double": "float64"}
+        key = value.lower().removeprefix("torch.")
+        dtype = getattr(torch, aliases.get(key, key), None)
+    else:
+        dtype = value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{what} must be a floating dtype or its name, got {value!r}")
+    return dtype
 
 
 def _sum_sq_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
@@ -152,9 +196,12 @@ class PISA(Optimizer):
     Step size: the group's ``lr`` is ``1 / (sigma + rho)``; ``sigma`` is its value at the initial
     ``lr_0`` (stored as ``group['lr0']``) and the ratio ``sigma / rho`` is kept when a scheduler
     edits ``group['lr']``: with ``c = sigma * lr_0`` the local step is
-    ``w_i - w = -lr_t * s / (c + (1 - c) q)``. ``lr`` is read once per round (at the round's first
-    ``step()``) and held for the round (``group['round_lr']``). ``lr_t = 0`` is allowed (``w``
-    then stays put). ``lr`` may be a float or a one-element Tensor.
+    ``w_i - w = -lr_t * s / (c + (1 - c) q)``. ``sigma_power = p`` changes that rule to
+    ``sigma_t = sigma r^-p``, ``rho_t = rho r^-1`` with ``r = lr_t / lr_0`` (``p = 2``: the
+    official GPT-2 124M code's warmdown, which divides sigma by the decay ratio twice). ``lr``
+    is read once per round (at the round's first ``step()``) and held for the round
+    (``group['round_lr']``). ``lr_t = 0`` is allowed (``w`` then stays put). ``lr`` may be a
+    float or a one-element Tensor.
 
     Workers:
 
@@ -199,6 +246,12 @@ class PISA(Optimizer):
         worker_weights: ``alpha_i`` (any non-negative numbers; normalised), default equal.
         distributed: ``None`` auto, ``True`` / ``False`` to force.
         dual_init: initial value of every dual entry (0; the official GPT-2 code used 1e-10).
+        sigma_power: ``p`` in ``sigma_t = sigma (lr_0 / lr_t)^p`` (``rho_t = rho lr_0 / lr_t``
+            whatever ``p``); ``p >= 0``. Default ``1``: ``sigma / rho`` is kept, so a scheduler
+            scales the whole step. The official GPT-2 124M code has ``p = 2`` in its warmdown
+            (its schedule has no warmup, so ``lr_t / lr_0`` is the decay ratio there and 1
+            before): sigma grows as ``1/r^2`` while rho grows as ``1/r`` (for "paper settings"
+            rows).
         scaled_dual: the official GPT-2 code's dual (for "paper settings" rows; default
             ``False``, the textbook round): after its update each worker's stored dual is
             multiplied by its weight, ``pi_i <- alpha_i (pi_i + sigma (w_i - w))``, and that
@@ -257,6 +310,18 @@ class PISA(Optimizer):
             100), so bfloat16's roundings grow to 0.4% (25), 4% (50) and 68% (100 rounds). On
             the benchmark MLP (``results/bench/README.md``) SISA's error is 0.3-0.4%.
             ``None`` (default): the parameters' dtype.
+        consensus_dtype: virtual workers: the dtype in which the round's consensus
+            ``sum_i alpha_i (sigma_t w_i + pi_i)`` is formed, as the official GPT-2 code's
+            bfloat16 all-reduce buffer (float16 for its Medium / XL runs; for "paper settings"
+            rows): each worker's term is rounded to it and added to the running sum in it
+            (one rounding per worker, in worker order, as a ring all-reduce rounds each partial
+            sum), and ``w = sum / (sigma_t + lambda)``. The rounding is relative to
+            ``sigma_t w``, so ``w`` keeps only that dtype's precision (bfloat16: 8 bits) and
+            moves smaller than half its spacing are lost. A dtype or its name; ``None``
+            (default): no rounding (the textbook round, ``w`` accumulated exactly in the
+            parameters' dtype). Not in distributed mode (``comm_dtype`` rounds the round's
+            difference there, not ``w``). Costs one buffer of that dtype per parameter, also
+            with ``n_workers = 1``.
 
     Group keys a scheduler may edit: ``lr`` (the ratio ``sigma/rho`` is kept), ``momentum``
     (NSISA's ``mu``; inert in PISA/SISA, which warn once when it is set non-zero, e.g. by
@@ -303,10 +368,14 @@ class PISA(Optimizer):
         fused: bool | None = None,
         bucket_mb: float | None = 25.0,
         comm_dtype: torch.dtype | None = None,
+        sigma_power: float = 1.0,
+        consensus_dtype: torch.dtype | str | None = None,
     ) -> None:
         # every argument is checked before ``params`` is touched (as torch.optim does)
         lr = _resolve_lr(lr, sigma, rho)
         pdist.check_bucketing(bucket_mb, comm_dtype)
+        if consensus_dtype is not None:
+            consensus_dtype = parse_dtype(consensus_dtype, "consensus_dtype")
         if capturable:
             raise ValueError(
                 "capturable=True is not supported: the round position lives on the host"
@@ -326,6 +395,7 @@ class PISA(Optimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "dual_init": dual_init,
             "scaled_dual": scaled_dual,
+            "sigma_power": sigma_power,
             "momentum": 0.0,
             "maximize": maximize,
             "foreach": foreach,
@@ -350,6 +420,16 @@ class PISA(Optimizer):
         self._n_workers = n_workers
         self._rank = pdist.rank() if self._distributed else 0
         self._n_local = 1 if self._distributed else n_workers
+        if consensus_dtype is not None and self._distributed:
+            raise ValueError(
+                "consensus_dtype is for virtual workers; in distributed mode comm_dtype sets "
+                "the dtype of the consensus all-reduce"
+            )
+        self._consensus_dtype: torch.dtype | None = consensus_dtype
+        #: virtual mode with an accumulator (m > 1, or a rounded consensus): else in place
+        self._accumulates = not self._distributed and (
+            n_workers > 1 or consensus_dtype is not None
+        )
         self._weights = self._normalise_weights(worker_weights)
         self._round = 0
         self._worker = 0
@@ -456,6 +536,10 @@ class PISA(Optimizer):
             raise ValueError(f"dual_init must be finite, got {dual_init!r}")
         if not isinstance(group["scaled_dual"], bool):
             raise ValueError(f"scaled_dual must be a bool, got {group['scaled_dual']!r}")
+        power = group["sigma_power"]
+        if (isinstance(power, bool) or not isinstance(power, (int, float))
+                or not (math.isfinite(power) and power >= 0.0)):
+            raise ValueError(f"sigma_power must be a finite float >= 0, got {power!r}")
         if not isinstance(group["maximize"], bool):
             raise ValueError(f"maximize must be a bool, got {group['maximize']!r}")
         if not (group["foreach"] is None or isinstance(group["foreach"], bool)):
@@ -532,7 +616,7 @@ class PISA(Optimizer):
     def current_sigma_rho(self, group: dict[str, Any] | None = None) -> tuple[float, float]:
         """``(sigma_t, rho_t)`` that ``group`` (default: the first) has at its current ``lr``."""
         group = self.param_groups[0] if group is None else group
-        return _sigma_rho(_lr_value(group["lr"]), group["sigma"] * group["lr0"])
+        return _sigma_rho(*_step_lr_c(group, _lr_value(group["lr"])))
 
     def telemetry(self) -> dict[str, float]:
         """Values of the last completed round: ``primal_residual``
@@ -567,12 +651,16 @@ class PISA(Optimizer):
         state["dual"] = torch.full(shape, dual_init, dtype=p.dtype, device=p.device)
         for key in self._param_state_keys(p, group)[1:]:
             state[key] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        if self._n_local > 1:
+        if self._accumulates:
             acc = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if local and dual_init:
-                # the round's earlier workers had no gradient for p: w_j = w, pi_j = dual_init
-                inv_sigma = group["round_lr"] / (group["sigma"] * group["lr0"])
-                acc.fill_(sum(self._weights[:local]) * inv_sigma * dual_init)
+            earlier = sum(self._weights[:local])  # workers of this round without a gradient
+            if self._consensus_dtype is not None:  # their terms alpha_j (sigma_t w + pi_j)
+                cons = torch.zeros_like(p, dtype=self._consensus_dtype)
+                if local:
+                    cons.copy_(earlier * (_consensus_scale(group) * p.detach() + dual_init))
+                state["consensus"] = cons
+            elif local and dual_init:  # w_j = w, pi_j = dual_init
+                acc.fill_(earlier * _inv_sigma(group) * dual_init)
             state["acc"] = acc
 
     def state_dict(self) -> dict[str, Any]:
@@ -623,6 +711,7 @@ class PISA(Optimizer):
                 group.setdefault(key, value)
             group.setdefault("lr0", _lr_value(group["lr"]))
             group.setdefault("round_lr", None)
+        self._restore_consensus(extra is not None and int(extra["worker"]) != 0)
         if extra is None:
             return
         self._round = int(extra["round"])
@@ -639,6 +728,34 @@ class PISA(Optimizer):
         }
         self.preconditioner.load_state_dict(extra["preconditioner"])
 
+    def _restore_consensus(self, mid_round: bool) -> None:
+        """After loading: the rounded consensus back in ``consensus_dtype`` (``torch.optim``
+        casts state to the parameter's dtype; the values were in it, so this is exact), made
+        for a checkpoint without it, dropped for an optimizer without it; between rounds only
+        when its presence changes."""
+        for p, state in self.state.items():
+            if "dual" not in state:
+                continue
+            if self._accumulates != ("acc" in state):  # m = 1: with consensus_dtype or not
+                if self._accumulates:
+                    state["acc"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                else:
+                    del state["acc"]
+            cons = state.get("consensus")
+            if (cons is None) == (self._consensus_dtype is None):
+                if cons is not None:
+                    state["consensus"] = cons.to(self._consensus_dtype)
+                continue
+            if mid_round:
+                raise ValueError(
+                    "state_dict was saved inside a round with another consensus_dtype "
+                    "setting; load it into an optimizer with the same one"
+                )
+            if cons is None:
+                state["consensus"] = torch.zeros_like(p, dtype=self._consensus_dtype)
+            else:
+                del state["consensus"]
+
     def __getstate__(self) -> dict[str, Any]:
         """Everything (round position, workers, preconditioner), so that ``copy.deepcopy`` and
         ``pickle`` give an optimizer that continues exactly; step hooks and the communication
@@ -647,8 +764,12 @@ class PISA(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for key, value in (("_bucket_mb", 25.0), ("_comm_dtype", None), ("_buckets", None)):
+        for key, value in (("_bucket_mb", 25.0), ("_comm_dtype", None), ("_buckets", None),
+                           ("_consensus_dtype", None)):
             self.__dict__.setdefault(key, value)
+        self.__dict__.setdefault(
+            "_accumulates", not self._distributed and self._n_workers > 1
+        )
 
     def _first_device(self) -> torch.device:
         for group in self.param_groups:
@@ -760,7 +881,7 @@ class PISA(Optimizer):
             buckets = self._consensus_buckets(trainable)
             target_of = {id(p): v for p, v in zip(trainable, buckets.views)}
             alpha_t = alpha
-        elif self._n_local > 1:
+        elif self._accumulates:
             alpha_t = alpha
         else:
             alpha_t = 1.0
@@ -772,7 +893,7 @@ class PISA(Optimizer):
             group, params, raw, skipped = part.group, part.params, part.raw, part.skipped
             if self._distributed:
                 targets = [target_of[id(p)] for p in params]
-            elif self._n_local > 1:
+            elif self._accumulates:
                 targets = [self.state[p]["acc"] for p in params]
             else:
                 targets = params
@@ -786,7 +907,7 @@ class PISA(Optimizer):
                 aux = None if aux_all is None else aux_all[offset : offset + n]
                 self._group_step(group, params, grads, targets, worker, aux)
                 offset += n
-            if skipped and (self._distributed or self._n_local > 1):
+            if skipped and (self._distributed or self._accumulates):
                 self._skipped_contribution(group, skipped, target_of, local, alpha)
             if buckets is not None:  # this part's buckets are final: start their all-reduce
                 buckets.start(part.end)
@@ -808,9 +929,14 @@ class PISA(Optimizer):
                 counts = buckets.extra[2:].tolist()
                 live = {id(p) for p, c in zip(trainable, counts) if c > 0}
             self._finish_round(self._close_lists(target_of, live))
-        elif self._n_local > 1:
+        elif self._accumulates:
+            if self._consensus_dtype is not None:
+                self._fold_consensus(alpha)
             if local == self._n_local - 1:
-                self._finish_round(self._close_lists_virtual())
+                close = self._close_lists_virtual()
+                if self._consensus_dtype is not None:
+                    close = self._write_consensus(close)
+                self._finish_round(close)
             else:
                 self._worker = local + 1
                 self._round_done = False
@@ -842,7 +968,7 @@ class PISA(Optimizer):
     ) -> None:
         """A worker without a gradient for ``p`` keeps ``w_i = w`` and ``pi_i``: it adds
         ``alpha_i pi_i / sigma_t`` to the accumulator (the state-less ``pi_i`` is ``dual_init``)."""
-        inv_sigma = group["round_lr"] / (group["sigma"] * group["lr0"])
+        inv_sigma = _inv_sigma(group)
         for p in skipped:
             state = self.state.get(p)
             if self._distributed:
@@ -891,6 +1017,38 @@ class PISA(Optimizer):
             if ps:
                 out.append((group, ps, [self.state[p]["acc"] for p in ps]))
         return out
+
+    def _fold_consensus(self, alpha: float) -> None:
+        """``consensus += fl(sigma_t (alpha_i w + acc))``: the worker's term ``alpha_i (sigma_t
+        w_i + pi_i)`` rounded to ``consensus_dtype`` and summed in it; ``acc`` is cleared."""
+        for group in self.param_groups:
+            sigma_t = _consensus_scale(group)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state is None or "consensus" not in state:
+                    continue
+                acc = state["acc"]
+                term = torch.add(acc, p.detach(), alpha=alpha).mul_(sigma_t)
+                state["consensus"].add_(term.to(self._consensus_dtype))
+                acc.zero_()
+
+    def _write_consensus(
+        self, close: list[tuple[dict[str, Any], list[Tensor], list[Tensor] | None]]
+    ) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor] | None]]:
+        """``w <- consensus / sigma_t`` for the parameters that move (the others' sums are
+        dropped); the ``(1 + lambda / sigma_t)`` division is left to :meth:`_finish_round`."""
+        moving = {id(p) for _, ps, _ in close for p in ps}
+        for group in self.param_groups:
+            inv_sigma = 1.0 / _consensus_scale(group)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state is None or "consensus" not in state:
+                    continue
+                cons = state["consensus"]
+                if id(p) in moving:
+                    p.detach().copy_(cons.to(p.dtype).mul_(inv_sigma))
+                cons.zero_()
+        return [(group, ps, None) for group, ps, _ in close]
 
     def _validate_group_sigma(self, group: dict[str, Any]) -> None:
         c = group["sigma"] * group["lr0"]
@@ -1007,8 +1165,7 @@ class PISA(Optimizer):
         ``e = s / (k (Q + qshift))``; ``qshift`` None when ``q`` is the constant ``shift``
         (``identity`` or ``scale = 0``), then ``k = c + (1 - c) shift``. ``kd``: the decoupled
         weight decay (0 when coupled)."""
-        lr = group["round_lr"]
-        c = group["sigma"] * group["lr0"]
+        lr, c = _step_lr_c(group)
         kd = float(group["weight_decay"]) if group["decoupled_weight_decay"] else 0.0
         if identity or scale == 0.0:
             return lr, c, lr / c, kd, c + (1.0 - c) * shift, None
@@ -1122,8 +1279,8 @@ class PISA(Optimizer):
         """``w <- (w + acc) / (1 + lambda / sigma_t)`` for the parameters that move (``acc``
         None: the update was in place); then the round counter and telemetry advance."""
         for group, params, acc in close:
-            lr, lam = group["round_lr"], group["l2_lambda"]
-            inv_sigma = lr / (group["sigma"] * group["lr0"])
+            lam = group["l2_lambda"]
+            inv_sigma = _inv_sigma(group)
             if acc is not None:
                 torch._foreach_add_(params, acc)
                 if not self._distributed:
@@ -1133,7 +1290,7 @@ class PISA(Optimizer):
         if self._tel_partial is not None:
             primal_sq, dual_sq = self._tel_partial
             first = self.param_groups[0]
-            sigma, rho = _sigma_rho(first["round_lr"], first["sigma"] * first["lr0"])
+            sigma, rho = _sigma_rho(*_step_lr_c(first))
             self._tel_last = {
                 "primal_residual": primal_sq.clamp_min(0).sqrt(),
                 "dual_norm": dual_sq.clamp_min(0).sqrt(),

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .admm import LR, PISA, _lr_value, _Path, _Worker
+from .admm import LR, PISA, _lr_value, _Path, _Worker, parse_dtype
 from .newton_schulz import NS_COEFFICIENTS, default_ns_dtype, newton_schulz_
 from .preconditioners import EMA, AbsValue, Preconditioner, SecondMoment, _check_beta
 
@@ -19,16 +19,6 @@ __all__ = ["NSISA"]
 _VECTOR_MODES = ("sisa", "momentum", "error")
 #: default ``c = sigma * lr``: the paper's GPT-2 setting (sigma 80, rho 100: c = 80 / 180)
 DEFAULT_C = 80.0 / 180.0
-
-
-def _parse_dtype(name: str) -> torch.dtype:
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-               "float": "float32", "fp64": "float64", "double": "float64"}
-    key = aliases.get(name.lower().removeprefix("torch."), name.lower().removeprefix("torch."))
-    dtype = getattr(torch, key, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"ns_dtype must be a floating dtype name, got {name!r}")
-    return dtype
 
 
 class NSISA(PISA):
@@ -131,6 +121,12 @@ class NSISA(PISA):
         comm_dtype: distributed mode: the dtype the consensus sum travels in (e.g.
             ``torch.bfloat16``: half the bytes, each contribution and the sum rounded);
             ``None`` (default): the parameters' dtype.
+        sigma_power: ``sigma_t = sigma (lr_0 / lr_t)^p`` while ``rho_t = rho lr_0 / lr_t``;
+            default 1 (``sigma / rho`` kept); 2: the official GPT-2 124M code's warmdown.
+        consensus_dtype: virtual workers: form the consensus ``sum_i alpha_i (sigma_t w_i +
+            pi_i)`` in this dtype (e.g. ``"bfloat16"``, as the official GPT-2 code's
+            all-reduce), rounding ``w`` every round; ``None`` (default): exact. See
+            :class:`~pisa.PISA`.
     """
 
     _elementwise_direction = False
@@ -172,6 +168,8 @@ class NSISA(PISA):
         fused: bool | None = None,
         bucket_mb: float | None = 25.0,
         comm_dtype: torch.dtype | None = None,
+        sigma_power: float = 1.0,
+        consensus_dtype: torch.dtype | str | None = None,
     ) -> None:
         _check_beta(beta)
         if sigma is None:  # c = sigma * lr = 4/9: the paper's GPT-2 ratio sigma : rho = 80 : 100
@@ -189,7 +187,7 @@ class NSISA(PISA):
                     f"preconditioner must be 'abs', 'ema' or an instance, got {name!r}"
                 )
         if isinstance(ns_dtype, str):
-            ns_dtype = _parse_dtype(ns_dtype)
+            ns_dtype = parse_dtype(ns_dtype, "ns_dtype")
         if vectors not in _VECTOR_MODES:
             raise ValueError(f"vectors must be one of {_VECTOR_MODES}, got {vectors!r}")
         self._vector_precond = SecondMoment(beta=vector_beta, eps=eps, beta_key="vector_beta")
@@ -228,6 +226,8 @@ class NSISA(PISA):
             fused=fused,
             bucket_mb=bucket_mb,
             comm_dtype=comm_dtype,
+            sigma_power=sigma_power,
+            consensus_dtype=consensus_dtype,
         )
 
     @staticmethod

@@ -72,6 +72,12 @@ class SISA(PISA):
         comm_dtype: distributed mode: the dtype the consensus sum travels in (e.g.
             ``torch.bfloat16``: half the bytes, each contribution and the sum rounded);
             ``None`` (default): the parameters' dtype.
+        sigma_power: ``sigma_t = sigma (lr_0 / lr_t)^p`` while ``rho_t = rho lr_0 / lr_t``;
+            default 1 (``sigma / rho`` kept); 2: the official GPT-2 124M code's warmdown.
+        consensus_dtype: virtual workers: form the consensus ``sum_i alpha_i (sigma_t w_i +
+            pi_i)`` in this dtype (e.g. ``"bfloat16"``, as the official GPT-2 code's
+            all-reduce), rounding ``w`` every round; ``None`` (default): exact. See
+            :class:`~pisa.PISA`.
     """
 
     def __init__(
@@ -101,6 +107,8 @@ class SISA(PISA):
         fused: bool | None = None,
         bucket_mb: float | None = 25.0,
         comm_dtype: torch.dtype | None = None,
+        sigma_power: float = 1.0,
+        consensus_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -126,4 +134,6 @@ class SISA(PISA):
             fused=fused,
             bucket_mb=bucket_mb,
             comm_dtype=comm_dtype,
+            sigma_power=sigma_power,
+            consensus_dtype=consensus_dtype,
         )

@@ -61,12 +61,15 @@ def ref_newton_schulz(M: torch.Tensor) -> torch.Tensor:
     return X
 
 
-def reference(kind: str, m: int, alphas: list[float], decoupled: bool, official: bool = False):
+def reference(kind: str, m: int, alphas: list[float], decoupled: bool, official: bool = False,
+              sigma_power: float = 1.0, consensus_dtype: torch.dtype | None = None):
     """Plain PISA rounds; returns the global weights and telemetry after every round.
 
     ``official``: the official GPT-2 code's dual and all-reduce as that code writes them,
     ``pi_i <- alpha_i (pi_i + sigma (w_i - w))`` and ``w = sum_i (sigma alpha_i w_i + pi_i) /
-    (sigma + lambda)``."""
+    (sigma + lambda)``. ``sigma_power = p``: sigma follows ``(lr_0 / lr)^p`` while rho follows
+    ``lr_0 / lr`` (the official 124M warmdown: p = 2). ``consensus_dtype``: that code's
+    low-precision all-reduce buffer: each worker's term is rounded to it and summed in it."""
     w0, grad = problem(m)
     w = [x.clone() for x in w0]
     pi = [[torch.zeros_like(x) for x in w] for _ in range(m)]
@@ -76,9 +79,9 @@ def reference(kind: str, m: int, alphas: list[float], decoupled: bool, official:
     for r in range(ROUNDS):
         t = r + 1
         lr = LR0 * lr_factor(r)
-        sigma = SIGMA0 * LR0 / lr
-        rho = 1.0 / lr - sigma
-        new_w = [torch.zeros_like(x) for x in w]
+        sigma = SIGMA0 * (LR0 / lr) ** sigma_power
+        rho = (1.0 / LR0 - SIGMA0) * LR0 / lr
+        new_w = [torch.zeros_like(x, dtype=consensus_dtype or DT) for x in w]
         primal_sq, dual_sq = 0.0, 0.0
         for i in range(m):
             g_all = grad(r, i, w)
@@ -114,10 +117,11 @@ def reference(kind: str, m: int, alphas: list[float], decoupled: bool, official:
                     new_w[j] = new_w[j] + sigma * alphas[i] * w_i + pi[i][j]
                 else:
                     pi[i][j] = pi[i][j] + sigma * (w_i - w[j])
-                    new_w[j] = new_w[j] + alphas[i] * (sigma * w_i + pi[i][j])
+                    term = alphas[i] * (sigma * w_i + pi[i][j])
+                    new_w[j] = new_w[j] + term.to(new_w[j].dtype)
                 primal_sq += alphas[i] * float((w_i - w[j]).pow(2).sum())
                 dual_sq += alphas[i] * float(pi[i][j].pow(2).sum())
-        w = [x / (sigma + LAM) for x in new_w]
+        w = [x.to(DT) / (sigma + LAM) for x in new_w]
         tel = (math.sqrt(primal_sq), math.sqrt(dual_sq), sigma, rho)
         history.append(([x.clone() for x in w], *tel))
     return history
@@ -180,6 +184,64 @@ def test_matches_float64_reference(kind: str, m: int, decoupled: bool, chunk: in
     # the schedule really changed sigma (ratio kept): sigma_t * lr_t is constant
     assert history[-1][3] != history[0][3]
     assert opt.rounds == ROUNDS
+
+
+def run_against(history, kind: str, m: int, raw_weights, **extra) -> pisa.PISA:
+    """Train on :func:`problem` with the reference's schedule; every round's weights must equal
+    the reference's ``history`` (float64, 1e-10)."""
+    w0, grad = problem(m)
+    params = [nn.Parameter(x.clone()) for x in w0]
+    opt = make_optimizer(kind, params, m, raw_weights, False, **extra)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    for r in range(ROUNDS):
+        w_round = [p.detach().clone() for p in params]
+        for i in range(m):
+            for p, g in zip(params, grad(r, i, w_round)):
+                p.grad = g
+            opt.step()
+        sched.step()
+        for p, x in zip(params, history[r][0]):
+            torch.testing.assert_close(p.detach(), x, atol=1e-10, rtol=0)
+    return opt
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("kind", ["sisa", "nsisa"])
+def test_sigma_power_matches_the_official_warmdown(kind: str, m: int) -> None:
+    """``sigma_power=2``: sigma_t = sigma (lr_0/lr_t)^2, rho_t = rho lr_0/lr_t (the official GPT-2
+    124M warmdown), against the float64 reference; the telemetry reports that sigma / rho."""
+    raw_weights = [1.0, 2.0, 3.0, 4.0][:m]
+    alphas = [x / sum(raw_weights) for x in raw_weights]
+    history = reference(kind, m, alphas, False, sigma_power=2.0)
+    opt = run_against(history, kind, m, raw_weights, sigma_power=2.0)
+    _, _, _, ref_sigma, ref_rho = history[-1]
+    tel = opt.telemetry()
+    assert (tel["sigma"], tel["rho"]) == pytest.approx((ref_sigma, ref_rho), rel=1e-12)
+    # a real departure: sigma / rho is no longer the initial ratio, the weights differ
+    assert ref_sigma / ref_rho > 1.5 * SIGMA0 / (1.0 / LR0 - SIGMA0)
+    textbook = reference(kind, m, alphas, False)[-1][0]
+    assert max(float((a - b).abs().max()) for a, b in zip(history[-1][0], textbook)) > 1e-3
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("kind", ["pisa", "sisa", "nsisa"])
+def test_bf16_consensus_matches_the_official_allreduce(kind: str, m: int) -> None:
+    """``consensus_dtype=bfloat16``: each worker's ``alpha_i (sigma w_i + pi_i)`` rounded to
+    bfloat16 and summed in it, as the official GPT-2 code's all-reduce buffer, against the
+    float64 reference; the weights then carry bfloat16's rounding (not float64's)."""
+    raw_weights = [1.0, 2.0, 3.0, 4.0][:m]
+    alphas = [x / sum(raw_weights) for x in raw_weights]
+    bf16 = torch.bfloat16
+    history = reference(kind, m, alphas, False, consensus_dtype=bf16)
+    run_against(history, kind, m, raw_weights, consensus_dtype=bf16)
+    textbook = reference(kind, m, alphas, False)
+    first = max(float((a - b).abs().max()) for a, b in zip(history[0][0], textbook[0][0]))
+    assert 1e-6 < first < 0.05  # one round: bfloat16's rounding of sigma w + pi, no more
+    # the round's sum (sigma_t + lambda) w is a bfloat16 number (to float64's rounding)
+    total = history[0][0][0] * (history[0][3] + LAM)
+    torch.testing.assert_close(total, total.to(bf16).to(DT), rtol=1e-12, atol=0)
+    total = textbook[0][0][0] * (textbook[0][3] + LAM)
+    assert not torch.allclose(total, total.to(bf16).to(DT), rtol=1e-6, atol=0)
 
 
 def test_rho_argument_sets_lr() -> None:

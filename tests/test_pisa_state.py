@@ -49,6 +49,10 @@ OPTIMIZERS = {
     "pisa_hutchinson_m2": lambda model: pisa.PISA(
         model.parameters(), lr=0.02, sigma=2.0, n_workers=2, preconditioner=Hutchinson(seed=3),
     ),
+    "sisa_bf16_consensus_m3": lambda model: pisa.SISA(
+        model.parameters(), lr=0.02, sigma=2.0, n_workers=3, consensus_dtype="bfloat16",
+        sigma_power=2.0, l2_lambda=1e-3,
+    ),
     "hybrid_nsisa_m3": lambda model: pisa.hybrid_nsisa(
         model, lr=0.01, sigma=5.0, n_workers=3, companion_kwargs={"lr": 1e-2},
     ),
@@ -152,6 +156,10 @@ def params() -> list[nn.Parameter]:
         (lambda: pisa.SISA(params(), n_workers=2, worker_weights=[1.0]), "worker_weights", "2"),
         (lambda: pisa.SISA(params(), n_workers=2, worker_weights=[1.0, -1.0]), "worker_weights",
          ">= 0"),
+        (lambda: pisa.SISA(params(), sigma_power=-1.0), "sigma_power", ">= 0"),
+        (lambda: pisa.NSISA(params(), sigma_power=float("nan")), "sigma_power", ">= 0"),
+        (lambda: pisa.SISA(params(), consensus_dtype="int8"), "consensus_dtype", "floating"),
+        (lambda: pisa.PISA(params(), consensus_dtype="nope"), "consensus_dtype", "floating"),
     ],
 )
 def test_bad_hyperparameters_raise(build_bad, name: str, valid_range: str) -> None:
@@ -227,3 +235,28 @@ def test_nsisa_batched_newton_schulz_equals_per_matrix() -> None:
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert not torch.equal(runs[0][0], runs[0][1])
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_consensus_dtype_can_be_switched_between_rounds(m: int) -> None:
+    """A checkpoint taken between rounds loads into an optimizer with or without
+    ``consensus_dtype`` and trains on; inside a round a change is refused."""
+    def make(model, dtype):
+        return pisa.SISA(model.parameters(), lr=0.02, sigma=2.0, n_workers=m,
+                         consensus_dtype=dtype)
+
+    for saved, loaded in (("bfloat16", None), (None, "bfloat16")):
+        torch.manual_seed(0)
+        model = Net()
+        opt = make(model, saved)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        train(model, opt, sched, 0, 2 * m, False)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt2 = make(model, loaded)
+        opt2.load_state_dict(opt.state_dict())
+        train(model, opt2, torch.optim.lr_scheduler.StepLR(opt2, 2), 2 * m, 4 * m, False)
+        assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        if m > 1:
+            train(model, opt, sched, 0, 1, False)  # inside a round now
+            with pytest.raises(ValueError, match="consensus_dtype"):
+                make(model, loaded).load_state_dict(opt.state_dict())
