@@ -623,8 +623,9 @@ class PISA(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict (per-parameter ``dual``, direction and preconditioner
         buffers with a leading worker axis; the groups with ``lr0`` and ``round_lr``) plus, under
-        the key ``"pisa"``, the round position, worker weights, telemetry and the
-        preconditioner's own state: loading it resumes bit for bit, also inside a round."""
+        the key ``"pisa"``, the round position, worker weights, telemetry, the workers' first
+        gradient norms (``first_grad_norm``) and the preconditioner's own state: loading it
+        resumes bit for bit, also inside a round."""
         sd = super().state_dict()
         partial = self._tel_partial
         sd[_EXTRA_KEY] = {
