@@ -14,6 +14,8 @@ One protocol for every artefact and every optimizer (stated for readers in
         speed_reference: adamw   # optional: steps / tokens to this arm's final metric (speed.md)
         paper_overrides:         # optional: an arm's "paper settings" row as the official code
           nsisa: ["+optim.scaled_dual=true"]   # ran it (options that reproduce its oddities)
+          sisa:                  # or per task label: only that task's arm of that optimizer
+            vgg11_cifar10: ["+optim.first_grad_norm=true"]
 
 An *arm* is one point of the experiment's sweep at seed 0 (task x optimizer x method ...). For
 each arm:
@@ -73,7 +75,8 @@ class ProtocolSpec:
     references: tuple[str, ...] = ()
     adopt_ignore: tuple[str, ...] = ()  # config keys a recorded run may differ in (see adopt)
     speed_reference: str | None = None  # arm whose final metric is the "faster" target
-    paper_overrides: tuple[tuple[str, tuple[str, ...]], ...] = ()  # arm label -> overrides
+    #: (optimizer label, task label or None for every task, overrides)
+    paper_overrides: tuple[tuple[str, str | None, tuple[str, ...]], ...] = ()
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ProtocolSpec | None:
@@ -98,9 +101,7 @@ class ProtocolSpec:
                    adopt_ignore=tuple(str(k) for k in block.get("adopt_ignore", ()) or ()),
                    speed_reference=(str(block["speed_reference"])
                                     if block.get("speed_reference") else None),
-                   paper_overrides=tuple(
-                       (str(arm), tuple(str(o) for o in ovr))
-                       for arm, ovr in (block.get("paper_overrides") or {}).items()))
+                   paper_overrides=_paper_overrides(block.get("paper_overrides") or {}))
         spec.validate()
         return spec
 
@@ -175,6 +176,22 @@ def select_key(d: Any, key: str) -> Any:
             return None
         d = d[part]
     return d
+
+
+def _paper_overrides(block: dict[str, Any]) -> tuple[tuple[str, str | None, tuple[str, ...]], ...]:
+    """``reproduce.protocol.paper_overrides``: optimizer label -> a list of overrides (every
+    task's arm of that optimizer) or a mapping task label -> list (only those tasks' arms)."""
+    out: list[tuple[str, str | None, tuple[str, ...]]] = []
+    for arm, ovr in block.items():
+        per_task = ovr.items() if isinstance(ovr, dict) else [(None, ovr)]
+        for task, lst in per_task:
+            if not isinstance(lst, (list, tuple)):
+                raise ValueError(f"reproduce.protocol.paper_overrides.{arm}"
+                                 f"{'' if task is None else '.' + str(task)}: a list of "
+                                 f"overrides (or a mapping task -> list), got {lst!r}")
+            out.append((str(arm), None if task is None else str(task),
+                        tuple(str(o) for o in lst)))
+    return tuple(out)
 
 
 def bracket_label(base: str, values: dict[str, Any]) -> str:
@@ -370,8 +387,10 @@ class Protocol:
                 a.paper[s] = self._reuse(a, 1.0, s, "paper", self.paper_overrides(a))
 
     def paper_overrides(self, a: Arm) -> tuple[str, ...]:
-        """The arm's ``paper_overrides`` (by optimizer label)."""
-        return dict(self.spec.paper_overrides).get(a.label, ())
+        """The arm's ``paper_overrides``: its optimizer label's for every task, then those for
+        its task label."""
+        return tuple(o for label, task, ovr in self.spec.paper_overrides
+                     if label == a.label and task in (None, a.task) for o in ovr)
 
     def _reuse(self, a: Arm, m: float, s: int, role: str, extra: Sequence[str] = ()) -> Point:
         if s == 0 and m in a.trials and not extra:

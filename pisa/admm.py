@@ -149,13 +149,15 @@ def _parts(
 
 class _Worker(NamedTuple):
     """The stepping worker: its state slot ``local``, its weight ``alpha`` (telemetry), the
-    weight ``alpha_t`` of its target update (1 when ``w`` is updated in place) and the round
-    number ``t`` (bias correction)."""
+    weight ``alpha_t`` of its target update (1 when ``w`` is updated in place), the round
+    number ``t`` (bias correction) and its first gradient's norm ``norm`` (``first_grad_norm``;
+    1 when not measured)."""
 
     local: int
     alpha: float
     alpha_t: float
     t: int
+    norm: float = 1.0
 
 
 class _Path(NamedTuple):
@@ -259,6 +261,30 @@ class PISA(Optimizer):
             textbook consensus, so only the next rounds see the difference: with ``m``
             equal workers the dual shrinks by ``1/m`` every round (no effect at ``m = 1``).
             Runs on the foreach path (not fused).
+        first_grad_norm: the official VGG-11 CIFAR-10 code's step size (for "paper settings"
+            rows; default ``False``): each worker ``i`` measures ``N_i = ||g_i + kappa w||``
+            (its whole gradient, coupled decay included, over the parameters of the groups
+            with this option; one norm per worker, not per tensor) once, at its first
+            ``step()``, and from then on divides its local step and its dual's share of the
+            consensus by it::
+
+                w_i  = w - s_i / (N_i (sigma_t + rho_t q_i))  [- lr_t kappa w / N_i  if decoupled]
+                pi_i = pi_i + sigma_t (w_i - w)                     (unchanged)
+                w    = sum_i alpha_i (sigma_t w_i + pi_i / N_i) / (sigma_t + lambda)
+
+            i.e. the local step and the consensus see the penalty ``N_i sigma_t`` while the
+            dual still ascends by ``sigma_t``. ``N_i`` lives in the optimizer state
+            (:meth:`state_dict`, ``deepcopy``); a plain ``torch.optim`` state dict without it
+            measures it again at the next step. A first gradient of zero or non-finite norm
+            raises ``RuntimeError``. Not with ``scaled_dual``; runs on the foreach path (with
+            ``fused=True`` its groups take it).
+        l2_dual_only: the official VGG-11 CIFAR-10 code's consensus (for "paper settings" rows;
+            default ``False``): ``lambda`` enters the dual's share only, ``w = sum_i alpha_i
+            (w_i + pi_i / (N_i (sigma_t + lambda)))`` (``N_i = 1`` without
+            ``first_grad_norm``) instead of ``sum_i alpha_i (sigma_t w_i + pi_i / N_i) /
+            (sigma_t + lambda)``: ``w`` is not shrunk by ``sigma_t / (sigma_t + lambda)``, so
+            with ``lambda << sigma_t`` the global L2 has almost no effect. No effect when
+            ``lambda = 0``. Not with ``scaled_dual``; runs on the foreach path.
         track_residuals: compute the primal residual and dual norm each round (:meth:`telemetry`).
         maximize: maximise the objective (the gradient's sign is flipped), as in ``torch.optim``.
         foreach: ``None`` / ``True``: multi-tensor (``torch._foreach_*``) kernels over the whole
@@ -358,6 +384,8 @@ class PISA(Optimizer):
         distributed: bool | None = None,
         dual_init: float = 0.0,
         scaled_dual: bool = False,
+        first_grad_norm: bool = False,
+        l2_dual_only: bool = False,
         track_residuals: bool = True,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -396,6 +424,8 @@ class PISA(Optimizer):
             "dual_init": dual_init,
             "scaled_dual": scaled_dual,
             "sigma_power": sigma_power,
+            "first_grad_norm": first_grad_norm,
+            "l2_dual_only": l2_dual_only,
             "momentum": 0.0,
             "maximize": maximize,
             "foreach": foreach,
@@ -425,12 +455,19 @@ class PISA(Optimizer):
                 "consensus_dtype is for virtual workers; in distributed mode comm_dtype sets "
                 "the dtype of the consensus all-reduce"
             )
+        if consensus_dtype is not None and (first_grad_norm or l2_dual_only):
+            raise ValueError(
+                "consensus_dtype (the official GPT-2 code's consensus) cannot be combined with "
+                "first_grad_norm / l2_dual_only (the official VGG-11 code's round)"
+            )
         self._consensus_dtype: torch.dtype | None = consensus_dtype
         #: virtual mode with an accumulator (m > 1, or a rounded consensus): else in place
         self._accumulates = not self._distributed and (
             n_workers > 1 or consensus_dtype is not None
         )
         self._weights = self._normalise_weights(worker_weights)
+        #: ``first_grad_norm``: each local worker's first gradient norm N_i (None: not yet)
+        self._first_norms: list[float | None] = [None] * self._n_local
         self._round = 0
         self._worker = 0
         self._round_done = True
@@ -540,6 +577,14 @@ class PISA(Optimizer):
         if (isinstance(power, bool) or not isinstance(power, (int, float))
                 or not (math.isfinite(power) and power >= 0.0)):
             raise ValueError(f"sigma_power must be a finite float >= 0, got {power!r}")
+        for key in ("first_grad_norm", "l2_dual_only"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"{key} must be a bool, got {group[key]!r}")
+            if group[key] and group["scaled_dual"]:
+                raise ValueError(
+                    f"{key} (the official VGG-11 code's round) and scaled_dual (the official "
+                    "GPT-2 code's dual) cannot be combined"
+                )
         if not isinstance(group["maximize"], bool):
             raise ValueError(f"maximize must be a bool, got {group['maximize']!r}")
         if not (group["foreach"] is None or isinstance(group["foreach"], bool)):
@@ -660,14 +705,20 @@ class PISA(Optimizer):
                     cons.copy_(earlier * (_consensus_scale(group) * p.detach() + dual_init))
                 state["consensus"] = cons
             elif local and dual_init:  # w_j = w, pi_j = dual_init
-                acc.fill_(earlier * _inv_sigma(group) * dual_init)
+                if group["first_grad_norm"] or group["l2_dual_only"]:
+                    shares = [self._dual_share(group, self._worker_norm(j)) for j in range(local)]
+                    share = sum(a * d / n for a, (n, d) in zip(self._weights, shares))
+                else:
+                    share = earlier * _inv_sigma(group)
+                acc.fill_(share * dual_init)
             state["acc"] = acc
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state dict (per-parameter ``dual``, direction and preconditioner
         buffers with a leading worker axis; the groups with ``lr0`` and ``round_lr``) plus, under
-        the key ``"pisa"``, the round position, worker weights, telemetry and the
-        preconditioner's own state: loading it resumes bit for bit, also inside a round."""
+        the key ``"pisa"``, the round position, worker weights, telemetry, the workers' first
+        gradient norms (``first_grad_norm``) and the preconditioner's own state: loading it
+        resumes bit for bit, also inside a round."""
         sd = super().state_dict()
         partial = self._tel_partial
         sd[_EXTRA_KEY] = {
@@ -684,6 +735,7 @@ class PISA(Optimizer):
                 for k, v in self._tel_last.items()
             },
             "preconditioner": self.preconditioner.state_dict(),
+            "first_grad_norms": list(self._first_norms),
         }
         return sd
 
@@ -727,6 +779,11 @@ class PISA(Optimizer):
             for k, v in extra["telemetry_last"].items()
         }
         self.preconditioner.load_state_dict(extra["preconditioner"])
+        norms = extra.get("first_grad_norms")  # absent before first_grad_norm existed
+        self._first_norms = (
+            [None] * self._n_local if norms is None else
+            [None if n is None else float(n) for n in norms]
+        )
 
     def _restore_consensus(self, mid_round: bool) -> None:
         """After loading: the rounded consensus back in ``consensus_dtype`` (``torch.optim``
@@ -770,6 +827,7 @@ class PISA(Optimizer):
         self.__dict__.setdefault(
             "_accumulates", not self._distributed and self._n_workers > 1
         )
+        self.__dict__.setdefault("_first_norms", [None] * self.__dict__.get("_n_local", 1))
 
     def _first_device(self) -> torch.device:
         for group in self.param_groups:
@@ -886,7 +944,9 @@ class PISA(Optimizer):
         else:
             alpha_t = 1.0
 
-        worker = _Worker(local, alpha, alpha_t, t)
+        if self._first_norms[local] is None and any(g["first_grad_norm"] for g, _ in groups):
+            self._measure_first_norm(groups, local)
+        worker = _Worker(local, alpha, alpha_t, t, self._worker_norm(local))
         offset = 0
         parts = list(_parts(groups, frozenset() if buckets is None else buckets.bounds))
         for part in parts:
@@ -967,8 +1027,10 @@ class PISA(Optimizer):
         alpha: float,
     ) -> None:
         """A worker without a gradient for ``p`` keeps ``w_i = w`` and ``pi_i``: it adds
-        ``alpha_i pi_i / sigma_t`` to the accumulator (the state-less ``pi_i`` is ``dual_init``)."""
-        inv_sigma = _inv_sigma(group)
+        ``alpha_i pi_i / sigma_t`` to the accumulator (the state-less ``pi_i`` is ``dual_init``;
+        ``first_grad_norm`` / ``l2_dual_only``: ``alpha_i pi_i / (N_i (sigma_t + lambda))``)."""
+        norm, inv_d = self._dual_share(group, self._worker_norm(local))
+        inv_sigma = inv_d / norm
         for p in skipped:
             state = self.state.get(p)
             if self._distributed:
@@ -1049,6 +1111,52 @@ class PISA(Optimizer):
                     p.detach().copy_(cons.to(p.dtype).mul_(inv_sigma))
                 cons.zero_()
         return [(group, ps, None) for group, ps, _ in close]
+    def _worker_norm(self, local: int) -> float:
+        """Local worker ``local``'s first gradient norm ``N_i`` (1 while not measured)."""
+        norm = self._first_norms[local]
+        return 1.0 if norm is None else norm
+
+    @staticmethod
+    def _dual_share(group: dict[str, Any], norm: float) -> tuple[float, float]:
+        """``(N, 1/den)`` of a worker's share ``alpha pi / (N den)`` of the consensus sum:
+        ``N`` its first gradient norm with ``first_grad_norm`` (else 1), ``den = sigma_t``, or
+        ``sigma_t + lambda`` with ``l2_dual_only`` (written in ``lr_t`` so that ``lr_t = 0``
+        gives 0)."""
+        lr, c = _step_lr_c(group)
+        n = norm if group["first_grad_norm"] else 1.0
+        if group["l2_dual_only"]:
+            return n, lr / (c + float(group["l2_lambda"]) * lr)
+        return n, lr / c
+
+    def _measure_first_norm(
+        self, groups: list[tuple[dict[str, Any], list[tuple[Tensor, Tensor | None, bool]]]],
+        local: int,
+    ) -> None:
+        """``first_grad_norm``: ``N_i = ||g_i + kappa w||`` over the stepped parameters of the
+        groups with the option (the gradient as the step uses it: signed by ``maximize``, with
+        the coupled decay), measured at the worker's first step (one host sync, once)."""
+        terms: list[Tensor] = []
+        for group, entries in groups:
+            if not group["first_grad_norm"]:
+                continue
+            kc = self._coupled_wd(group)
+            for p, g, stepped in entries:
+                if not stepped:
+                    continue
+                x = torch.zeros_like(p) if g is None else g.detach()
+                if group["maximize"]:
+                    x = -x
+                terms.append(x + kc * p.detach() if kc else x)
+        if not terms:
+            return
+        norms = torch._foreach_norm(terms)
+        norm = math.sqrt(sum(float(n.double()) ** 2 for n in norms))
+        if not (math.isfinite(norm) and norm > 0.0):
+            raise RuntimeError(
+                f"first_grad_norm: worker {local}'s first gradient has norm {norm}; its steps "
+                "would be divided by it"
+            )
+        self._first_norms[local] = norm
 
     def _validate_group_sigma(self, group: dict[str, Any]) -> None:
         c = group["sigma"] * group["lr0"]
@@ -1116,8 +1224,9 @@ class PISA(Optimizer):
         """
         size = resolve_chunk_size(self.chunk_size, params[0].device)
         t = worker.t
+        official = group["scaled_dual"] or group["first_grad_norm"] or group["l2_dual_only"]
         kind = (pfused.precond_kind(path.precond)
-                if group["fused"] and aux is None and not group["scaled_dual"] else None)
+                if group["fused"] and aux is None and not official else None)
         if kind is not None and path.elementwise and (
             getattr(path.direction, "__func__", None) is PISA._search_direction
         ):  # d = g: the direction is part of the kernel
@@ -1202,9 +1311,18 @@ class PISA(Optimizer):
         if kd:
             torch._foreach_add_(e, params, alpha=kd * k)
         pi = wstate["dual"]
-        torch._foreach_add_(targets, pi, alpha=alpha_t * inv_sigma)
-        torch._foreach_add_(targets, e, alpha=-2.0 * alpha_t * lr / k)
-        torch._foreach_add_(pi, e, alpha=-c / k)
+        if group["first_grad_norm"] or group["l2_dual_only"]:
+            # official VGG code: w_i - w = -lr e / N, pi_i -= c e / N, target += alpha (w_i - w
+            # + pi_i / (N den)) with den = sigma_t (+ lambda); lr -> lr / N for the telemetry
+            norm, inv_d = self._dual_share(group, worker.norm)
+            lr = lr / norm
+            torch._foreach_add_(targets, pi, alpha=alpha_t * inv_d / norm)
+            torch._foreach_add_(targets, e, alpha=-alpha_t * (lr + c * inv_d / norm**2) / k)
+            torch._foreach_add_(pi, e, alpha=-c / (norm * k))
+        else:
+            torch._foreach_add_(targets, pi, alpha=alpha_t * inv_sigma)
+            torch._foreach_add_(targets, e, alpha=-2.0 * alpha_t * lr / k)
+            torch._foreach_add_(pi, e, alpha=-c / k)
         if group["scaled_dual"] and alpha != 1.0:  # official GPT-2 code: pi_i <- alpha_i pi_i
             torch._foreach_mul_(pi, alpha)
         if self.track_residuals and self._tel_partial is not None:
@@ -1277,7 +1395,8 @@ class PISA(Optimizer):
         self, close: list[tuple[dict[str, Any], list[Tensor], list[Tensor] | None]]
     ) -> None:
         """``w <- (w + acc) / (1 + lambda / sigma_t)`` for the parameters that move (``acc``
-        None: the update was in place); then the round counter and telemetry advance."""
+        None: the update was in place; ``l2_dual_only``: ``w <- w + acc``); then the round
+        counter and telemetry advance."""
         for group, params, acc in close:
             lam = group["l2_lambda"]
             inv_sigma = _inv_sigma(group)
@@ -1285,7 +1404,7 @@ class PISA(Optimizer):
                 torch._foreach_add_(params, acc)
                 if not self._distributed:
                     torch._foreach_zero_(acc)
-            if lam:
+            if lam and not group["l2_dual_only"]:  # l2_dual_only: lambda was in the shares
                 torch._foreach_mul_(params, 1.0 / (1.0 + lam * inv_sigma))
         if self._tel_partial is not None:
             primal_sq, dual_sq = self._tel_partial

@@ -54,6 +54,18 @@ class SISA(PISA):
             dual is multiplied by its weight after its update, ``pi_i <- alpha_i (pi_i + sigma
             (w_i - w))``, shrinking it by ``1/m`` per round with equal workers; ``w`` of that
             round is the textbook one. For "paper settings" rows; not fused.
+        first_grad_norm: the official VGG-11 CIFAR-10 code's step (default ``False``): worker
+            ``i`` measures ``N_i = ||g_i + kappa w||`` (all parameters, once, at its first
+            step) and divides its step and its dual's share by it from then on: ``w_i = w -
+            s_i / (N_i (sigma_t + rho_t q_i))``, ``pi_i += sigma_t (w_i - w)``, ``w = sum_i
+            alpha_i (sigma_t w_i + pi_i / N_i) / (sigma_t + lambda)``. ``N_i`` is optimizer
+            state (``state_dict``); a first gradient of norm 0 raises ``RuntimeError``. For
+            "paper settings" rows; not fused (with ``fused=True`` these groups take the foreach
+            path). Not with ``scaled_dual``.
+        l2_dual_only: the official VGG-11 CIFAR-10 code's consensus (default ``False``):
+            ``w = sum_i alpha_i (w_i + pi_i / (N_i (sigma_t + lambda)))``, ``lambda`` on the
+            dual's share only (``w`` is not shrunk by ``sigma_t / (sigma_t + lambda)``). For
+            "paper settings" rows; not fused. Not with ``scaled_dual``.
         track_residuals: compute the primal residual and dual norm each round.
         maximize: maximise instead of minimise.
         foreach: ``None`` / ``True`` multi-tensor kernels, ``False`` one tensor at a time.
@@ -97,6 +109,8 @@ class SISA(PISA):
         distributed: bool | None = None,
         dual_init: float = 0.0,
         scaled_dual: bool = False,
+        first_grad_norm: bool = False,
+        l2_dual_only: bool = False,
         track_residuals: bool = True,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -124,6 +138,8 @@ class SISA(PISA):
             distributed=distributed,
             dual_init=dual_init,
             scaled_dual=scaled_dual,
+            first_grad_norm=first_grad_norm,
+            l2_dual_only=l2_dual_only,
             track_residuals=track_residuals,
             maximize=maximize,
             foreach=foreach,

@@ -30,6 +30,14 @@ def lr_factor(r: int) -> float:
     return min(1.0, (r + 1) / 3) * 0.6 ** (r // 6)
 
 
+def round_hyper(r: int, sigma_power: float = 1.0) -> tuple[int, float, float, float]:
+    """``(t, lr_t, sigma_t, rho_t)`` of round r under the schedule: sigma_t follows
+    ``(lr_0 / lr_t)^sigma_power``, rho_t follows ``lr_0 / lr_t`` (power 1: sigma_t lr_t fixed)."""
+    lr = LR0 * lr_factor(r)
+    sigma = SIGMA0 * (LR0 / lr) ** sigma_power
+    return r + 1, lr, sigma, (1.0 / LR0 - SIGMA0) * LR0 / lr
+
+
 def problem(m: int):
     gen = torch.Generator().manual_seed(1234)
     w0 = [torch.randn(s, generator=gen, dtype=DT) for s in SHAPES]
@@ -77,10 +85,7 @@ def reference(kind: str, m: int, alphas: list[float], decoupled: bool, official:
     buf = [[torch.zeros_like(x) for x in w] for _ in range(m)]
     history = []
     for r in range(ROUNDS):
-        t = r + 1
-        lr = LR0 * lr_factor(r)
-        sigma = SIGMA0 * (LR0 / lr) ** sigma_power
-        rho = (1.0 / LR0 - SIGMA0) * LR0 / lr
+        t, lr, sigma, rho = round_hyper(r, sigma_power)
         new_w = [torch.zeros_like(x, dtype=consensus_dtype or DT) for x in w]
         primal_sq, dual_sq = 0.0, 0.0
         for i in range(m):
@@ -267,3 +272,153 @@ def test_scaled_dual_matches_the_official_gpt2_loop(kind: str, m: int) -> None:
     textbook = reference(kind, m, alphas, False)[-1][0]
     gap = max(float((a - b).abs().max()) for a, b in zip(history[-1][0], textbook))
     assert (gap > 1e-3) if m > 1 else (gap < 1e-12)
+
+
+def reference_vgg(m: int, alphas: list[float], norm: bool = True, dual_only: bool = True):
+    """The official VGG-11 CIFAR-10 SISA round as that code writes it (``Vison Model/cifar10/
+    l2_lower_loss_mPiAM_varying_rho_sigma.py``), in float64: each worker's gradient with the
+    coupled decay, its norm over all tensors taken at the first iteration only, the step
+    ``(g + pi) / (N sigma + N rho (sqrt(v_hat) + eps))``, the dual ``pi += sigma (w_i - w)`` and
+    ``w = sum_i alpha_i w_i + (sum_i alpha_i pi_i / N_i) / (sigma + lambda)``.
+
+    ``norm=False`` (``N_i = 1``) / ``dual_only=False`` (the textbook consensus ``sum_i alpha_i
+    (sigma w_i + pi_i / N_i) / (sigma + lambda)``) switch one departure off. Returns the global
+    weights after every round and the norms."""
+    w0, grad = problem(m)
+    w = [x.clone() for x in w0]
+    pi, v = ([[torch.zeros_like(x) for x in w] for _ in range(m)] for _ in range(2))
+    factors: list[float] = []
+    history = []
+    for r in range(ROUNDS):
+        t, _, sigma, rho = round_hyper(r)
+        local = []
+        for i in range(m):
+            g = [gj + KAPPA * wj for gj, wj in zip(grad(r, i, w), w)]
+            if r == 0:
+                factors.append(math.sqrt(sum(float((gj**2).sum()) for gj in g)))
+            n = factors[i] if norm else 1.0
+            w_i = []
+            for j in range(len(w)):
+                s = g[j] + pi[i][j]
+                v[i][j] = BETA * v[i][j] + (1 - BETA) * s.pow(2)
+                q = torch.sqrt(v[i][j] / (1 - BETA**t)) + EPS
+                w_i.append(w[j] - s / (sigma * n + rho * n * q))
+                pi[i][j] = pi[i][j] + sigma * (w_i[j] - w[j])
+            local.append(w_i)
+        n_of = [f if norm else 1.0 for f in factors]
+        new_w = []
+        for j in range(len(w)):
+            avg_w = sum(alphas[i] * local[i][j] for i in range(m))
+            avg_pi = sum(alphas[i] * pi[i][j] / n_of[i] for i in range(m))
+            if dual_only:
+                new_w.append(avg_w + avg_pi / (sigma + LAM))
+            else:
+                new_w.append((sigma * avg_w + avg_pi) / (sigma + LAM))
+        w = new_w
+        history.append([x.clone() for x in w])
+    return history, factors
+
+
+def _run_vgg(opt, params, m: int, rounds: range, sched=None) -> None:
+    _, grad = problem(m)
+    for r in rounds:
+        w_round = [p.detach().clone() for p in params]
+        for i in range(m):
+            for p, g in zip(params, grad(r, i, w_round)):
+                p.grad = g
+            opt.step()
+        if sched is not None:
+            sched.step()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused_falls_back"])
+@pytest.mark.parametrize("flags", [(True, True), (True, False), (False, True)],
+                         ids=["official", "norm_only", "dual_only"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_first_grad_norm_matches_the_official_vgg_loop(
+    m: int, flags: tuple[bool, bool], fused: bool
+) -> None:
+    """``first_grad_norm=True, l2_dual_only=True`` follow the official VGG-11 SISA round
+    (float64, unequal weights, a schedule, coupled decay) to 1e-12, each option alone its half
+    of it; the official round is a different trajectory from the textbook one, at m = 1 too.
+    With ``fused=True`` these groups take the foreach path (same result, nothing compiled)."""
+    norm, dual_only = flags
+    raw_weights = [1.0, 2.0, 3.0, 4.0][:m]
+    alphas = [x / sum(raw_weights) for x in raw_weights]
+    history, factors = reference_vgg(m, alphas, norm, dual_only)
+    w0, _ = problem(m)
+    params = [nn.Parameter(x.clone()) for x in w0]
+    opt = make_optimizer("sisa", params, m, raw_weights, False, first_grad_norm=norm,
+                         l2_dual_only=dual_only, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    for r in range(ROUNDS):
+        _run_vgg(opt, params, m, range(r, r + 1), sched)
+        for p, x in zip(params, history[r]):
+            torch.testing.assert_close(p.detach(), x, atol=1e-12, rtol=0)
+    stored = opt.state_dict()["pisa"]["first_grad_norms"]
+    assert stored == (pytest.approx(factors, rel=1e-13) if norm else [None] * m)
+    assert min(factors) > 2.0  # N_i far from 1: the scaling is exercised
+    textbook = reference("sisa", m, alphas, False)[-1][0]
+    gap = max(float((a - b).abs().max()) for a, b in zip(history[-1], textbook))
+    assert gap > 1e-3
+
+
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_first_grad_norm_resumes_exactly(m: int, how: str) -> None:
+    """The measured ``N_i`` is optimizer state: a copy made mid-run (mid-round at m = 4)
+    continues bit for bit, and does not measure ``N_i`` again on its later gradients."""
+    import copy
+
+    w0, grad = problem(m)
+    params = [nn.Parameter(x.clone()) for x in w0]
+    kw = dict(first_grad_norm=True, l2_dual_only=True)
+    opt = make_optimizer("sisa", params, m, None, False, **kw)
+    _run_vgg(opt, params, m, range(3))
+    if m > 1:  # stop inside round 3: two of its workers have stepped
+        w_round = [p.detach().clone() for p in params]
+        for i in range(2):
+            for p, g in zip(params, grad(3, i, w_round)):
+                p.grad = g
+            opt.step()
+    if how == "deepcopy":  # one memo: the copy's groups and state hold the copied params
+        params2, opt2 = copy.deepcopy((params, opt))
+    else:
+        params2 = [nn.Parameter(p.detach().clone()) for p in params]
+        opt2 = make_optimizer("sisa", params2, m, None, False, **kw)
+        opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for o, ps in ((opt, params), (opt2, params2)):
+        start = 3
+        if m > 1:
+            w_round = [p.detach().clone() for p in ps]
+            _, g_of = problem(m)
+            for i in range(2, m):
+                for p, g in zip(ps, g_of(3, i, w_round)):
+                    p.grad = g
+                o.step()
+            start = 4
+        _run_vgg(o, ps, m, range(start, 8))
+    for a, b in zip(params, params2):
+        assert torch.equal(a.detach(), b.detach())
+    assert opt2.state_dict()["pisa"]["first_grad_norms"] == \
+        opt.state_dict()["pisa"]["first_grad_norms"]
+
+
+def test_first_grad_norm_and_l2_dual_only_validate() -> None:
+    p = nn.Parameter(torch.ones(3))
+    for key in ("first_grad_norm", "l2_dual_only"):
+        for bad in ("yes", 1, None):
+            with pytest.raises(ValueError, match=f"{key} must be a bool"):
+                pisa.SISA([p], **{key: bad})
+        with pytest.raises(ValueError, match="cannot be combined"):
+            pisa.SISA([p], scaled_dual=True, **{key: True})
+        with pytest.raises(ValueError, match=f"{key} must be a bool"):
+            pisa.SISA([p]).add_param_group({"params": [nn.Parameter(torch.ones(2))], key: "on"})
+    # the defaults are the textbook round
+    assert pisa.SISA([p]).defaults["first_grad_norm"] is False
+    assert pisa.PISA([p]).defaults["l2_dual_only"] is False
+    # a first gradient of norm 0 cannot divide the steps
+    opt = pisa.SISA([p], first_grad_norm=True)
+    p.grad = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="first gradient has norm 0"):
+        opt.step()

@@ -160,6 +160,8 @@ def params() -> list[nn.Parameter]:
         (lambda: pisa.NSISA(params(), sigma_power=float("nan")), "sigma_power", ">= 0"),
         (lambda: pisa.SISA(params(), consensus_dtype="int8"), "consensus_dtype", "floating"),
         (lambda: pisa.PISA(params(), consensus_dtype="nope"), "consensus_dtype", "floating"),
+        (lambda: pisa.SISA(params(), consensus_dtype="bfloat16", first_grad_norm=True),
+         "consensus_dtype", "cannot be combined"),
     ],
 )
 def test_bad_hyperparameters_raise(build_bad, name: str, valid_range: str) -> None:

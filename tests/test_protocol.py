@@ -146,12 +146,13 @@ def _launcher(val_peak: dict[str, float], test_peak: dict[str, float], launched:
     return launch
 
 
-def _plan(tmp_path: Path, compose) -> Plan:
+def _plan(tmp_path: Path, compose, tasks: Sequence[str] = ()) -> Plan:
     points = []
-    for optim in ("sisa", "adamw"):
-        ovr = [f"optim={optim}", "seed=0"]
-        cfg = compose(ovr)
-        points.append(Point(ovr, cfg, tmp_path / "unused" / optim))
+    for task in tasks or [None]:
+        for optim in ("sisa", "adamw"):
+            ovr = [f"optim={optim}", "seed=0"] + ([f"task.name={task}"] if task else [])
+            cfg = compose(ovr)
+            points.append(Point(ovr, cfg, tmp_path / "unused" / f"{task}-{optim}"))
     return Plan(experiment="proto", name="proto", scale="small", out_dir=tmp_path,
                 base_overrides=[], task_overrides=[], hydra_overrides=[], meta={},
                 points=points)
@@ -196,7 +197,8 @@ def test_paper_overrides_reach_the_paper_row_only(tmp_path: Path) -> None:
     compose = _fake_compose(tmp_path)
     spec = ProtocolSpec.from_meta({"protocol": {
         "claim": "sisa", "seeds": 2, "paper_overrides": {"sisa": ["optim.scaled_dual=true"]}}})
-    assert spec is not None and spec.paper_overrides == (("sisa", ("optim.scaled_dual=true",)),)
+    assert spec is not None and spec.paper_overrides == (
+        ("sisa", None, ("optim.scaled_dual=true",)),)
     launched: list[Point] = []
     launch = _launcher({"sisa": 1e-3, "adamw": 1e-3}, {"sisa": 1e-3, "adamw": 1e-3}, launched)
     proto = drive(_plan(tmp_path, compose), spec, launch, echo=lambda s: None, compose=compose)
@@ -209,6 +211,30 @@ def test_paper_overrides_reach_the_paper_row_only(tmp_path: Path) -> None:
     assert not any(p.cfg.optim.get("scaled_dual") for p in others)
     assert adamw.paper[0] is adamw.trials[1.0]
     assert {p.run_dir for p in sisa.paper.values()}.isdisjoint(p.run_dir for p in others)
+
+
+def test_paper_overrides_per_task_reach_that_task_only(tmp_path: Path) -> None:
+    """A mapping task label -> overrides gives them to that task's arm of the optimizer only
+    (fig1_vision: the official VGG-11 round for VGG-11's SISA, not ResNet-34's); a list beside
+    it still reaches every task's arm; a value that is neither is refused."""
+    compose = _fake_compose(tmp_path)
+    spec = ProtocolSpec.from_meta({"protocol": {"claim": "sisa", "seeds": 2, "paper_overrides": {
+        "sisa": {"vgg": ["optim.first_grad_norm=true"]}, "adamw": ["optim.eps=1e-6"]}}})
+    assert spec is not None
+    launch = _launcher({"sisa": 1e-3, "adamw": 1e-3}, {"sisa": 1e-3, "adamw": 1e-3}, [])
+    proto = drive(_plan(tmp_path, compose, tasks=("vgg", "resnet")), spec, launch,
+                  echo=lambda s: None, compose=compose)
+    arms = {a.key: a for a in proto.arms}
+    assert all(p.cfg.optim.get("first_grad_norm") is True
+               for p in arms["vgg", "sisa"].paper.values())
+    assert not any(p.cfg.optim.get("first_grad_norm") for a in proto.arms
+                   for p in [*a.trials.values(), *a.tuned.values()]
+                   + ([] if a.key == ("vgg", "sisa") else list(a.paper.values())))
+    assert all(p.cfg.optim.get("eps") == 1e-6 for t in ("vgg", "resnet")
+               for p in arms[t, "adamw"].paper.values())
+    with pytest.raises(ValueError, match=r"paper_overrides\.sisa\.vgg: a list"):
+        ProtocolSpec.from_meta({"protocol": {"claim": "sisa", "paper_overrides": {
+            "sisa": {"vgg": "optim.first_grad_norm=true"}}}})
 
 
 def test_diverged_trials_rank_last(tmp_path: Path) -> None:
