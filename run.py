@@ -17,13 +17,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from experiments.errors import exit_code, one_line_errors
-from experiments.launch.job import JOB_STATUSES, job_entry
+from pisa_bench.errors import exit_code, one_line_errors
+from pisa_bench.launch.job import JOB_STATUSES, job_entry
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    """One run (``experiments.main.execute``), requeue-safe under SLURM's time-limit signal."""
+    """One run (``pisa_bench.main.execute``), requeue-safe under SLURM's time-limit signal."""
     with one_line_errors(debug=bool(os.environ.get("HYDRA_FULL_ERROR"))):
         return job_entry(cfg)
 

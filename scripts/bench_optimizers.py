@@ -61,7 +61,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pisa
-from experiments.runtime import tensor_bytes
+from pisa_bench.runtime import tensor_bytes
 
 Shapes = list[tuple[str, tuple[int, ...]]]
 

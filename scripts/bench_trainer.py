@@ -3,7 +3,7 @@
 For each case (a task with its config overrides) and optimizer, both loops run the same number of
 steps from the same seed in this process:
 
-* ``trainer``: :func:`experiments.main.execute` (run directory, record, logging every
+* ``trainer``: :func:`pisa_bench.main.execute` (run directory, record, logging every
   ``train.log_every`` steps, telemetry, divergence checks, checkpoint cadence, the timed optimizer
   step) with evaluation only at the end (``train.eval_every=0``: the bare loop evaluates nothing);
 * ``bare``: ``for batch in task.train_batches(epoch)``, the batch cut into the optimizer's m
@@ -37,13 +37,13 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from baselines import build_optimizer
-from experiments.config import compose_config
-from experiments.main import execute
-from experiments.runtime import seed_everything, workers_per_round
-from experiments.schedules import lr_multiplier
-from experiments.tasks import build_task
-from experiments.tasks.base import to_device
+from pisa_bench.baselines import build_optimizer
+from pisa_bench.config import compose_config
+from pisa_bench.main import execute
+from pisa_bench.runtime import seed_everything, workers_per_round
+from pisa_bench.schedules import lr_multiplier
+from pisa_bench.tasks import build_task
+from pisa_bench.tasks.base import to_device
 
 CASES: dict[str, list[str]] = {
     "quickstart": ["task=quickstart_mnist", "train.epochs=null", "train.max_steps=120"],
@@ -98,7 +98,7 @@ def run_trainer(case: str, optim: str, skip: int, extra: list[str]) -> tuple[flo
             window.append(w)
             return task
 
-        import experiments.main as main_mod
+        import pisa_bench.main as main_mod
 
         main_mod.build_task = wrapped
         try:

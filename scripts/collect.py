@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from experiments.analysis.collect import collect, status_counts, write_collected
+from pisa_bench.analysis.collect import collect, status_counts, write_collected
 
 
 def main(argv: list[str] | None = None) -> int:

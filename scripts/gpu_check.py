@@ -5,9 +5,9 @@ Checks, one line each (``ok`` / ``FAIL`` with the reason / ``skip`` with the rea
 JSON object of the figures measured):
 
 - ``cuda``: CUDA visible, device name / count / capability, torch, CUDA and NCCL versions;
-- ``bf16_autocast``: a matmul under the trainer's autocast (:func:`experiments.runtime.autocast`)
+- ``bf16_autocast``: a matmul under the trainer's autocast (:func:`pisa_bench.runtime.autocast`)
   is bfloat16 and within bf16 rounding of float32;
-- ``smoke:<task>``: every task at ``scale=smoke`` on the device through ``experiments.main.execute``
+- ``smoke:<task>``: every task at ``scale=smoke`` on the device through ``pisa_bench.main.execute``
   (its default optimizer, SISA);
 - ``gpt2_124m_nsisa``: GPT-2 124M (the paper-scale model, ``task.compile`` as the paper config)
   trained by NSISA for 100 steps at the paper's per-device batch (16 sequences x 1024 tokens, one
@@ -63,9 +63,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import pisa  # noqa: E402
-from experiments.config import compose_config, group_options  # noqa: E402
-from experiments.rundir import read_metrics  # noqa: E402
-from experiments.runtime import autocast  # noqa: E402
+from pisa_bench.config import compose_config, group_options  # noqa: E402
+from pisa_bench.rundir import read_metrics  # noqa: E402
+from pisa_bench.runtime import autocast  # noqa: E402
 
 COLUMNS = ("check", "status", "seconds", "detail", "metrics")
 NCCL_ROUNDS = 3
@@ -264,7 +264,7 @@ def _nccl_version() -> str:
 
 def _execute(overrides: list[str]) -> dict[str, Any]:
     """``python run.py <overrides>`` in this process; a summary with status ``ok`` or an error."""
-    from experiments.main import execute
+    from pisa_bench.main import execute
 
     summary = execute(compose_config(overrides))
     if summary.get("status") != "ok":
@@ -273,7 +273,7 @@ def _execute(overrides: list[str]) -> dict[str, Any]:
 
 
 def _run_dir(overrides: list[str]) -> Path:
-    from experiments.record import run_dir_for
+    from pisa_bench.record import run_dir_for
 
     return run_dir_for(compose_config(overrides))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from experiments.record import prune_checkpoints
+from pisa_bench.record import prune_checkpoints
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from experiments.analysis.report import render_from_runs, render_from_table
+from pisa_bench.analysis.report import render_from_runs, render_from_table
 
 
 def main(argv: list[str] | None = None) -> int:

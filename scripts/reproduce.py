@@ -7,7 +7,7 @@
     python scripts/reproduce.py fig1_vision --scale paper --collect-only
 
 Run the same command again to resume: only unfinished runs are launched. See
-experiments/launch/ (reproduce.py, plan.py, launchers.py).
+pisa_bench/launch/ (reproduce.py, plan.py, launchers.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from experiments.launch.reproduce import main
+from pisa_bench.launch.reproduce import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -13,4 +13,4 @@ if [[ "${FRESH:-0}" == 1 ]]; then rm -rf "$VENV"; fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.13.*"
 "$VENV/bin/python" -m pip install -q -e ".[dev,rl,loggers,examples]"
-"$VENV/bin/python" -c "import torch, pisa, experiments, baselines; print('pisa-bench ready: torch', torch.__version__)"
+"$VENV/bin/python" -c "import torch, pisa, pisa_bench; print('pisa-bench ready: torch', torch.__version__)"

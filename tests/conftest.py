@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from experiments.config import compose_config
-from experiments.main import execute
+from pisa_bench.config import compose_config
+from pisa_bench.main import execute
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def run_cfg(tmp_path: Path) -> Callable[..., tuple[dict[str, Any], Path]]:
     """``run_cfg(overrides)`` -> (summary, run_dir), runs written under ``tmp_path``."""
 
     def _run(overrides: Sequence[str]) -> tuple[dict[str, Any], Path]:
-        from experiments.record import run_dir_for
+        from pisa_bench.record import run_dir_for
 
         cfg = compose_config([f"paths.out_dir={tmp_path}", *overrides])
         summary = execute(cfg)
@@ -45,7 +45,7 @@ def preempt_and_resume(run_cfg, tmp_path: Path) -> Callable[..., tuple[dict, dic
 @pytest.fixture(autouse=True)
 def _fresh_stop_request() -> None:
     """A signal a test sent to this process must not stop the runs of later tests."""
-    from experiments import stop
+    from pisa_bench import stop
 
     stop.reset()
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from baselines import Incompatible
-from experiments.config import compose_config
-from experiments.runtime import Dist
-from experiments.tasks.base import Task
-from experiments.trainer import Trainer
+from pisa_bench.baselines import Incompatible
+from pisa_bench.config import compose_config
+from pisa_bench.runtime import Dist
+from pisa_bench.tasks.base import Task
+from pisa_bench.trainer import Trainer
 
 D_IN = 5
 

@@ -13,13 +13,13 @@ import pytest
 import yaml
 from scipy import stats
 
-from experiments.analysis.aggregate import significance, summarize
-from experiments.analysis.collect import collect, load_collected, write_collected
-from experiments.analysis.curves import seed_band
-from experiments.analysis.profiles import performance_profile, performance_ratios, target_costs
-from experiments.analysis.report import render
-from experiments.analysis.tables import render_tables
-from experiments.rundir import SUMMARY_FIELDS, MetricsWriter, atomic_write_json, atomic_write_text
+from pisa_bench.analysis.aggregate import significance, summarize
+from pisa_bench.analysis.collect import collect, load_collected, write_collected
+from pisa_bench.analysis.curves import seed_band
+from pisa_bench.analysis.profiles import performance_profile, performance_ratios, target_costs
+from pisa_bench.analysis.report import render
+from pisa_bench.analysis.tables import render_tables
+from pisa_bench.rundir import SUMMARY_FIELDS, MetricsWriter, atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 NAN = math.nan
@@ -361,7 +361,7 @@ def _identity_sweep(root: Path) -> Path:
 
 
 def test_rows_are_run_identities_labelled_by_what_differs(tmp_path):
-    from experiments.analysis.identity import identity_hash, label_identities
+    from pisa_bench.analysis.identity import identity_hash, label_identities
 
     runs, _ = collect([_identity_sweep(tmp_path)])
     df = label_identities(runs).set_index(runs["run_dir"].map(lambda d: Path(d).name))
@@ -375,6 +375,25 @@ def test_rows_are_run_identities_labelled_by_what_differs(tmp_path):
     assert identity_hash(a) == identity_hash(b)
     assert identity_hash(a) != identity_hash({**b, "task": {"partition_seed": 2,
                                                             "split_seed": 8}})
+
+
+def test_identities_survive_the_move_into_pisa_bench(tmp_path):
+    """Every run the committed quickstart artefact plans today has the identity its committed
+    row recorded before the harness moved into ``pisa_bench`` (its ``task.cls`` was spelled
+    ``experiments.tasks...``): so committed run directories are found, not run again."""
+    import csv
+
+    from pisa_bench.identity import identity_hash
+    from pisa_bench.launch.plan import plan
+
+    rows = list(csv.DictReader((REPO / "results" / "quickstart" / "runs.csv").open()))
+    recorded = {r["identity"] for r in rows}
+    p = plan("quickstart", None, None, tmp_path, ["train.threads=1"])
+    assert str(p.points[0].cfg.task.cls).startswith("pisa_bench.tasks.")
+    planned = {identity_hash(pt.cfg) for pt in p.points}
+    assert planned == recorded and len(planned) == 4  # one per optimizer
+    assert identity_hash({"task": {"cls": "pisa_bench.tasks.x:Y"}}) == identity_hash(
+        {"task": {"cls": "experiments.tasks.x:Y"}}) != identity_hash({"task": {"cls": "x:Y"}})
 
 
 def test_table_never_pools_identities_and_flags_duplicates(tmp_path):

@@ -10,32 +10,32 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PROJECT = ("pisa", "baselines", "experiments")
+PROJECT = ("pisa", "pisa_bench")
 
 # module prefix -> project modules it may import (prefixes); the first matching rule applies
 RULES: list[tuple[str, tuple[str, ...]]] = [
     ("pisa", ("pisa",)),
-    ("baselines", ("baselines", "pisa")),
-    ("experiments.errors", ()),
-    ("experiments.identity", ()),
-    ("experiments.data", ("experiments.data", "experiments.errors")),
-    ("experiments.models", ("experiments.models", "pisa")),
-    *[(f"experiments.{m}", ("experiments.errors", "experiments.identity", "experiments.rundir",
-                            "experiments.checkpoints", "experiments.runlock", "experiments.stop"))
+    ("pisa_bench.baselines", ("pisa_bench.baselines", "pisa")),
+    ("pisa_bench.errors", ()),
+    ("pisa_bench.identity", ()),
+    ("pisa_bench.data", ("pisa_bench.data", "pisa_bench.errors")),
+    ("pisa_bench.models", ("pisa_bench.models", "pisa")),
+    *[(f"pisa_bench.{m}", ("pisa_bench.errors", "pisa_bench.identity", "pisa_bench.rundir",
+                            "pisa_bench.checkpoints", "pisa_bench.runlock", "pisa_bench.stop"))
       for m in ("rundir", "checkpoints", "runlock", "stop", "record")],
-    ("experiments.analysis", ("experiments.analysis", "experiments.errors",
-                              "experiments.identity", "experiments.rundir", "experiments.config",
-                              "experiments.protocol")),
+    ("pisa_bench.analysis", ("pisa_bench.analysis", "pisa_bench.errors",
+                              "pisa_bench.identity", "pisa_bench.rundir", "pisa_bench.config",
+                              "pisa_bench.protocol")),
     # the training side: everything but analysis and the launch layer (sweep, reproduce)
-    ("experiments.", ("pisa", "baselines", "experiments.errors", "experiments.identity",
-                      "experiments.data", "experiments.models", "experiments.rundir",
-                      "experiments.checkpoints", "experiments.runlock", "experiments.stop",
-                      "experiments.record", "experiments.config", "experiments.runtime",
-                      "experiments.schedules", "experiments.loggers", "experiments.fid",
-                      "experiments.validate", "experiments.tasks", "experiments.trainer",
-                      "experiments.main")),
+    ("pisa_bench.", ("pisa", "pisa_bench.baselines", "pisa_bench.errors", "pisa_bench.identity",
+                      "pisa_bench.data", "pisa_bench.models", "pisa_bench.rundir",
+                      "pisa_bench.checkpoints", "pisa_bench.runlock", "pisa_bench.stop",
+                      "pisa_bench.record", "pisa_bench.config", "pisa_bench.runtime",
+                      "pisa_bench.schedules", "pisa_bench.loggers", "pisa_bench.fid",
+                      "pisa_bench.validate", "pisa_bench.tasks", "pisa_bench.trainer",
+                      "pisa_bench.main")),
 ]
-LAUNCH = ("experiments.launch", "experiments.protocol")
+LAUNCH = ("pisa_bench.launch", "pisa_bench.protocol")
 
 
 def module_name(path: Path) -> str:
@@ -107,13 +107,13 @@ def test_pisa_needs_torch_only() -> None:
 
 def test_the_checker_catches_a_violation(tmp_path: Path) -> None:
     """The rules refuse what the architecture forbids (so the test above can fail)."""
-    assert not allowed("experiments.data.images", "experiments.tasks.base")
-    assert not allowed("pisa.admm", "experiments.trainer")
-    assert not allowed("experiments.analysis.tables", "experiments.trainer")
-    assert not allowed("experiments.trainer", "experiments.launch.plan")
-    assert not allowed("experiments.record", "experiments.tasks")
-    assert allowed("experiments.launch.reproduce", "experiments.analysis.collect")
-    assert allowed("experiments.trainer", "experiments.record")
+    assert not allowed("pisa_bench.data.images", "pisa_bench.tasks.base")
+    assert not allowed("pisa.admm", "pisa_bench.trainer")
+    assert not allowed("pisa_bench.analysis.tables", "pisa_bench.trainer")
+    assert not allowed("pisa_bench.trainer", "pisa_bench.launch.plan")
+    assert not allowed("pisa_bench.record", "pisa_bench.tasks")
+    assert allowed("pisa_bench.launch.reproduce", "pisa_bench.analysis.collect")
+    assert allowed("pisa_bench.trainer", "pisa_bench.record")
 
 
 def test_hydra_through_its_public_api_only() -> None:

@@ -1,7 +1,7 @@
 """Bad input is refused in one line naming the key, before any run directory exists.
 
-Config values and optimizer hyperparameters are checked by :func:`experiments.validate.validate`
-(called first in :func:`experiments.main.execute`); every ``task.data`` key is either honoured by
+Config values and optimizer hyperparameters are checked by :func:`pisa_bench.validate.validate`
+(called first in :func:`pisa_bench.main.execute`); every ``task.data`` key is either honoured by
 its loader or refused; the analysis scripts refuse a missing path in one line.
 """
 
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.config import CONF_DIR, compose_config, group_options
-from experiments.data.images import load_images
-from experiments.main import execute
-from experiments.validate import ConfigError, validate
+from pisa_bench.config import CONF_DIR, compose_config, group_options
+from pisa_bench.data.images import load_images
+from pisa_bench.main import execute
+from pisa_bench.validate import ConfigError, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["task=quickstart_mnist", "scale=smoke", "train.threads=1"]

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 
-from experiments.config import compose_config
-from experiments.runtime import Dist
-from experiments.tasks import build_task
-from experiments.tasks.base import Task
-from experiments.trainer import Trainer
+from pisa_bench.config import compose_config
+from pisa_bench.runtime import Dist
+from pisa_bench.tasks import build_task
+from pisa_bench.tasks.base import Task
+from pisa_bench.trainer import Trainer
 
 START = 2
 
@@ -152,7 +152,7 @@ def test_imagenet_loader_starts_at_a_batch_with_the_same_augmentation(workers: i
 
 
 def test_imagenet_seeded_subset_reads_only_from_its_start() -> None:
-    from experiments.tasks.imagenet import SeededSubset
+    from pisa_bench.tasks.imagenet import SeededSubset
 
     reads: list[int] = []
 

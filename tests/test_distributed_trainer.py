@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.rundir import read_json, read_metrics
+from pisa_bench.rundir import read_json, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = [

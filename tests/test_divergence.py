@@ -2,7 +2,7 @@
 
 A run whose watched quantity (a loss, an evaluation metric, the generator's output) is NaN,
 infinite or exploded (``|value| > task.explode_above``, default
-:data:`experiments.trainer.EXPLODE_ABOVE`) ends ``diverged`` with its step, never ``failed`` with
+:data:`pisa_bench.trainer.EXPLODE_ABOVE`) ends ``diverged`` with its step, never ``failed`` with
 a numerical error from downstream code, and never ``ok`` with a clamped finite metric.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.fid import frechet_distance
-from experiments.tasks.language import perplexity
-from experiments.trainer import EXPLODE_ABOVE
+from pisa_bench.fid import frechet_distance
+from pisa_bench.tasks.language import perplexity
+from pisa_bench.trainer import EXPLODE_ABOVE
 
 WGAN = ["task=wgan_cifar10", "scale=smoke", "train.threads=1", "optim=sgdm"]
 LSTM = ["task=lstm1_ptb", "scale=smoke", "train.threads=1", "optim=sgdm", "train.max_steps=20"]
@@ -86,7 +86,7 @@ def test_frechet_distance_of_non_finite_statistics_is_nan() -> None:
 def test_wgan_generator_loss_is_watched(run_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     """A non-finite generator loss (its round at step 3) ends the run at step 3, whatever the
     critic's loss does (both GAN losses are watched)."""
-    from experiments.tasks.gan import WGAN as GanTask
+    from pisa_bench.tasks.gan import WGAN as GanTask
 
     original = GanTask.generator_round
 
@@ -124,8 +124,8 @@ def test_training_loss_read_late_still_diverges_at_its_step(
     step 6 (checkpoints every 4 steps: the one due at step 8 reads the pending losses first)."""
     import torch
 
-    from experiments.checkpoints import CheckpointStore
-    from experiments.trainer import Trainer
+    from pisa_bench.checkpoints import CheckpointStore
+    from pisa_bench.trainer import Trainer
 
     original = Trainer.worker_gradient
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.rundir import FAULT_ENV, read_metrics
+from pisa_bench.rundir import FAULT_ENV, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 PY = os.environ.get("PISA_TEST_PYTHON", sys.executable)

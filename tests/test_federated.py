@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from baselines.federated import (
+from pisa_bench.baselines.federated import (
     SCAFFOLD,
     FedAvg,
     FedNova,
@@ -21,11 +21,11 @@ from baselines.federated import (
     Moon,
     flat_params,
 )
-from experiments.data import tabular
-from experiments.data.partition import label_counts, parse_scheme, partition
-from experiments.errors import DatasetMissing
-from experiments.rundir import read_metrics
-from experiments.tasks.federated import ADMMClients, resolve_method, set_sigma_rho
+from pisa_bench.data import tabular
+from pisa_bench.data.partition import label_counts, parse_scheme, partition
+from pisa_bench.errors import DatasetMissing
+from pisa_bench.rundir import read_metrics
+from pisa_bench.tasks.federated import ADMMClients, resolve_method, set_sigma_rho
 
 SCHEMES = ["iid", "label1", "label2", "dir0.05", "dir0.5", "dir1000", "qty0.5"]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.config import compose_config, group_options
-from experiments.tasks.federated import BASELINES, resolve_method
+from pisa_bench.config import compose_config, group_options
+from pisa_bench.tasks.federated import BASELINES, resolve_method
 
 
 @pytest.mark.parametrize("method", sorted(set(group_options("fl")) - {"auto"}))

@@ -13,19 +13,19 @@ import pytest
 import torch
 from torch import nn
 
-from baselines import registry
-from experiments.config import compose_config, group_options
-from experiments.fid import (
+from pisa_bench.baselines import registry
+from pisa_bench.config import compose_config, group_options
+from pisa_bench.fid import (
     InceptionExtractor,
     fid_from_features,
     frechet_distance,
     resolve_extractor,
 )
-from experiments.rundir import read_metrics
-from experiments.runtime import Dist
-from experiments.tasks import build_task
-from experiments.tasks.gan import clip_weights, gradient_penalty
-from experiments.trainer import Trainer
+from pisa_bench.rundir import read_metrics
+from pisa_bench.runtime import Dist
+from pisa_bench.tasks import build_task
+from pisa_bench.tasks.gan import clip_weights, gradient_penalty
+from pisa_bench.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -99,7 +99,7 @@ def test_gan_validation_images_are_held_out_from_gan_and_classifier(
 ) -> None:
     """The held-out images are disjoint from what the GAN and the FID classifier train on and
     from the test images; together with the GAN's pool they are the loader's training split."""
-    import experiments.fid as fid
+    import pisa_bench.fid as fid
 
     seen: dict[str, torch.Tensor] = {}
     real_train = fid.train_classifier
@@ -121,7 +121,7 @@ def test_gan_validation_images_are_held_out_from_gan_and_classifier(
 def test_gan_logs_val_fid_beside_the_test_fid_and_the_protocol_selects_on_it(run_cfg) -> None:
     """Every evaluation logs fid_classifier (test images) and val_fid_classifier (held-out
     images) with the same generated images; the protocol reads val_<the recorded metric>."""
-    from experiments.protocol import selection_value
+    from pisa_bench.protocol import selection_value
 
     summary, run_dir = run_cfg([*VAL, "train.threads=1"])
     assert summary["status"] == "ok", summary.get("error")
@@ -385,7 +385,7 @@ def _eval_starts(
 ) -> list[np.ndarray]:
     """First observation of each evaluation environment ``evaluate`` plays (test, then
     validation), read where SB3's ``evaluate_policy`` would start its episodes."""
-    from experiments.tasks import rl
+    from pisa_bench.tasks import rl
 
     cfg = compose_config([f"paths.out_dir={tmp_path}", "scale=smoke", "task=ppo_mujoco",
                           "optim=adamw", f"seed={seed}", "task.eval.val_episodes=3"])
@@ -409,8 +409,8 @@ def _eval_starts(
 def test_rl_validation_episodes_are_fixed_and_apart_from_test(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from experiments.data.split import VAL_SPLIT_SEED
-    from experiments.tasks.rl import EVAL_SEED_OFFSET, eval_seeds
+    from pisa_bench.data.split import VAL_SPLIT_SEED
+    from pisa_bench.tasks.rl import EVAL_SEED_OFFSET, eval_seeds
 
     test0, val0 = _eval_starts(tmp_path / "a", 0, monkeypatch)
     test1, val1 = _eval_starts(tmp_path / "b", 1, monkeypatch)
@@ -424,7 +424,7 @@ def test_rl_validation_episodes_are_fixed_and_apart_from_test(
 
 @pytest.mark.parametrize("val_episodes", [0, 2])
 def test_rl_val_return_beside_return_and_selected_on(run_cfg: Any, val_episodes: int) -> None:
-    from experiments.protocol import selection_value
+    from pisa_bench.protocol import selection_value
 
     summary, run_dir = run_cfg(["task=ppo_mujoco", "optim=adamw", "scale=smoke",
                                 "task.total_timesteps=128", "task.eval.every_env_steps=64",

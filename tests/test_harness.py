@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from hydra.errors import MissingConfigException
 
-from experiments.config import compose_config, group_options
-from experiments.errors import DatasetMissing
-from experiments.record import RunExists, RunRecord
-from experiments.rundir import read_metrics
-from experiments.schedules import lr_multiplier
+from pisa_bench.config import compose_config, group_options
+from pisa_bench.errors import DatasetMissing
+from pisa_bench.record import RunExists, RunRecord
+from pisa_bench.rundir import read_metrics
+from pisa_bench.schedules import lr_multiplier
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -139,7 +139,7 @@ def test_sigterm_checkpoints_and_marks_preempted(run_cfg, monkeypatch: pytest.Mo
     """A SIGTERM mid-run ends the run as 'preempted' with a checkpoint to resume from. The signal
     is sent from inside the loop (at the 3rd optimizer step), once the run's handler is in place:
     a timer could fire before it on a loaded machine and kill the test process instead."""
-    from experiments.trainer import Trainer
+    from pisa_bench.trainer import Trainer
 
     original = Trainer.optimizer_step
 
@@ -186,8 +186,8 @@ def test_companion_routes_any_optimizer() -> None:
     import torch
     from torch import nn
 
-    from baselines import build_optimizer
     from pisa import Hybrid
+    from pisa_bench.baselines import build_optimizer
 
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 3))
     cfg = {"name": "shampoo", "lr": 1e-3, "routing": {"exclude": ["2."]},
@@ -205,8 +205,8 @@ def test_ns_dtypes_records_the_resolved_newton_schulz_dtype() -> None:
     matrices); an explicit dtype is recorded as set; optimizers without Newton-Schulz give None."""
     import torch
 
-    from experiments.runtime import ns_dtypes
     from pisa import NSISA, SISA
+    from pisa_bench.runtime import ns_dtypes
 
     def mats(dtype: torch.dtype) -> list[torch.nn.Parameter]:
         return [torch.nn.Parameter(torch.randn(4, 3, dtype=dtype)),
@@ -229,8 +229,8 @@ def test_prune_checkpoints_frees_finished_runs_only(run_cfg, tmp_path: Path) -> 
     import subprocess
     import sys
 
-    from experiments.record import prune_checkpoints
-    from experiments.runlock import RunLock
+    from pisa_bench.record import prune_checkpoints
+    from pisa_bench.runlock import RunLock
 
     base = ["task=quickstart_mnist", "optim=sisa", "scale=smoke"]
     done, done_dir = run_cfg([*base, f"run.dir={tmp_path / 'done'}"])

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.config import compose_config
-from experiments.data import text
-from experiments.models.gpt import build_gpt, count_parameters
-from experiments.models.lstm import LSTMLM
-from experiments.tasks import DatasetMissing, build_task
-from experiments.tasks.language import LSTMLanguageModel
+from pisa_bench.config import compose_config
+from pisa_bench.data import text
+from pisa_bench.models.gpt import build_gpt, count_parameters
+from pisa_bench.models.lstm import LSTMLM
+from pisa_bench.tasks import DatasetMissing, build_task
+from pisa_bench.tasks.language import LSTMLanguageModel
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 """A multi-task SLURM job (``hydra.launcher.nodes`` x ``tasks_per_node``) without SLURM: two
 ``run.py`` processes with the environment srun gives each task (SUBMITIT_EXECUTOR, SLURM_NTASKS,
 SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID, SLURM_JOB_NUM_NODES, SLURM_JOB_NODELIST) go
-through ``experiments.launch.job.job_entry`` -> ``_export_torch_distributed`` ->
+through ``pisa_bench.launch.job.job_entry`` -> ``_export_torch_distributed`` ->
 ``init_distributed`` (gloo) and train as one 2-rank run, which equals one process with 2
 virtual workers. Layouts: 1 node x 2 tasks, and 2 "nodes" (both this host) x 1 task, each task
 LOCAL_RANK 0 on its node. A MASTER_PORT already in the environment (the same on every node) is
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.rundir import read_json, read_metrics
+from pisa_bench.rundir import read_json, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ["task=quickstart_mnist", "scale=smoke", "optim=sisa", "train.max_steps=4",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.config import compose_config
+from pisa_bench.config import compose_config
 
 
 def _cfg(task: str, optim: str, *extra: str):

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("hydra", "omegaconf", "transformers", "pandas", "pyarrow", "scipy", "matplotlib",
-         "experiments", "baselines")
+         "pisa_bench")
 
 
 @pytest.mark.slow

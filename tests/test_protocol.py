@@ -1,4 +1,4 @@
-"""The verdict protocol (experiments/protocol.py) and the verdict rule (analysis/verdict.py).
+"""The verdict protocol (pisa_bench/protocol.py) and the verdict rule (analysis/verdict.py).
 
 Trial expansion (grid, sigma/rho/companion scaling), the edge rule, selection on the
 validation split (never test), the seed stages, and verdicts computed from synthetic seed
@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.analysis.verdict import (
+from pisa_bench.analysis.verdict import (
     CONTRADICTED,
     NOT_DIST,
     SUPPORTED,
@@ -30,9 +30,9 @@ from experiments.analysis.verdict import (
     impute_failures,
     overall,
 )
-from experiments.launch.plan import Plan, Point
-from experiments.protocol import ProtocolSpec, drive, lr_overrides, multipliers, selection_value
-from experiments.rundir import METRIC_COLUMNS
+from pisa_bench.launch.plan import Plan, Point
+from pisa_bench.protocol import ProtocolSpec, drive, lr_overrides, multipliers, selection_value
+from pisa_bench.rundir import METRIC_COLUMNS
 
 # --- trial expansion --------------------------------------------------------------------------
 
@@ -339,7 +339,7 @@ def test_detectable_effect_shrinks_with_seeds_and_grows_with_comparisons() -> No
 def test_validation_split_is_fixed_disjoint_and_checked() -> None:
     import torch
 
-    from experiments.data.split import carve_validation, tail_split, validation_indices
+    from pisa_bench.data.split import carve_validation, tail_split, validation_indices
 
     tr, va = validation_indices(100, 0.2)
     assert len(va) == 20 and len(tr) == 80 and not set(tr.tolist()) & set(va.tolist())
@@ -375,8 +375,8 @@ def test_tasks_log_the_validation_metric_beside_test(run_cfg, task: str, metric:
 def test_recorded_runs_are_adopted_only_when_they_compute_the_same(tmp_path: Path) -> None:
     """A finished run whose directory name hashes an older config rule is found by identity;
     one that differs in a key is not, unless the experiment lists that key (adopt_ignore)."""
-    from experiments.protocol import adopt
-    from experiments.record import run_dir_for
+    from pisa_bench.protocol import adopt
+    from pisa_bench.record import run_dir_for
 
     compose = _fake_compose(tmp_path)
     cfg = compose(["optim=adamw", "seed=0", "task.data.n_train=null"])
@@ -408,7 +408,7 @@ def _speed_curves(arm_means: dict[str, list[float]], seeds: int, sd: float) -> p
 
 
 def test_speed_finds_the_first_step_past_the_target_by_z_test() -> None:
-    from experiments.analysis.speed import reached, speed_table, z_test_past
+    from pisa_bench.analysis.speed import reached, speed_table, z_test_past
 
     # the planted answer: "fast" passes 3.0 from step 20 on, "slow" from step 40, "never" never
     curves = _speed_curves({"fast": [3.5, 2.8, 2.7, 2.6], "slow": [4.0, 3.6, 3.2, 2.9],

@@ -1,4 +1,4 @@
-"""scripts/reproduce.py and experiments/launch/: expansion, the skip/resume filter, local runs,
+"""scripts/reproduce.py and pisa_bench/launch/: expansion, the skip/resume filter, local runs,
 rendering, the equal-budget lr grid and the USR2 -> checkpoint bridge of launched jobs."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from experiments.config import CONF_DIR, compose_config, group_options
-from experiments.launch.job import job_entry
-from experiments.launch.launchers import launch_local
-from experiments.launch.ledger import claim
-from experiments.launch.plan import expand, plan
-from experiments.launch.reproduce import main as reproduce
-from experiments.launch.reproduce import relabel, tuning_table
-from experiments.record import run_dir_for
-from experiments.rundir import atomic_write_json, read_json
+from pisa_bench.config import CONF_DIR, compose_config, group_options
+from pisa_bench.launch.job import job_entry
+from pisa_bench.launch.launchers import launch_local
+from pisa_bench.launch.ledger import claim
+from pisa_bench.launch.plan import expand, plan
+from pisa_bench.launch.reproduce import main as reproduce
+from pisa_bench.launch.reproduce import relabel, tuning_table
+from pisa_bench.record import run_dir_for
+from pisa_bench.rundir import atomic_write_json, read_json
 
 REPO = CONF_DIR.parent
 
@@ -151,7 +151,7 @@ def test_plan_overrides_seeds_and_dry_run(tmp_path: Path, capsys) -> None:
 
 
 def test_tune_grid_is_equal_budget(tmp_path: Path) -> None:
-    from experiments.protocol import ProtocolSpec, drive
+    from pisa_bench.protocol import ProtocolSpec, drive
 
     p = plan("tune_quickstart", "smoke", 1, tmp_path)
     spec = ProtocolSpec.from_meta(p.meta)

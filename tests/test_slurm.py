@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.launch.plan import plan
+from pisa_bench.launch.plan import plan
 
 pytestmark = pytest.mark.slurm
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import yaml
 
-from baselines import Incompatible
-from experiments.config import group_options
-from experiments.rundir import METRIC_COLUMNS, SUMMARY_FIELDS, read_metrics
+from pisa_bench.baselines import Incompatible
+from pisa_bench.config import group_options
+from pisa_bench.rundir import METRIC_COLUMNS, SUMMARY_FIELDS, read_metrics
 
 TASKS = group_options("task")
 OPTIMS = group_options("optim")

@@ -14,14 +14,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiments.config import compose_config
-from experiments.data.images import CIFAR10_FILES, balanced_subset, decode_jpeg_npz, load_images
-from experiments.models import build_model
-from experiments.models.cifar import VGG, VGG11, DenseNet, ResNet
-from experiments.models.vit import ViT
-from experiments.schedules import lr_multiplier
-from experiments.tasks import DatasetMissing, build_task
-from experiments.tasks.vision import augment, epoch_generator
+from pisa_bench.config import compose_config
+from pisa_bench.data.images import CIFAR10_FILES, balanced_subset, decode_jpeg_npz, load_images
+from pisa_bench.models import build_model
+from pisa_bench.models.cifar import VGG, VGG11, DenseNet, ResNet
+from pisa_bench.models.vit import ViT
+from pisa_bench.schedules import lr_multiplier
+from pisa_bench.tasks import DatasetMissing, build_task
+from pisa_bench.tasks.vision import augment, epoch_generator
 
 VISION_TASKS = ["vit_cifar10", "vgg11_cifar10", "resnet34_cifar10", "densenet121_cifar10",
                 "resnet18_imagenet"]
@@ -126,7 +126,7 @@ def test_scaled_models_forward_shapes(size: int) -> None:
 
 def test_output_layer_is_named_classifier() -> None:
     """Routing (Muon / NSISA) sends ``classifier`` to the companion; VGG's fc layers are hidden."""
-    from experiments.tasks.imagenet import Headed
+    from pisa_bench.tasks.imagenet import Headed
 
     for m in (VGG(width=0.125), ResNet(blocks=(1, 1, 1, 1), width=0.125),
               DenseNet(blocks=(1, 1, 1, 1), growth=4)):

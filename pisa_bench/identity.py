@@ -1,0 +1,67 @@
+"""A run's identity: what it computes, whatever its seed, paths and bookkeeping.
+
+Two runs with the same identity differ only by seed: they are repetitions of one configuration
+(analysis pools them into one row). The identity is the resolved config minus
+
+- ``seed``, and every key named ``*seed`` whose value equals the run's seed (values that follow
+  it, such as ``task.partition_seed: ${seed}``);
+- the keys that do not change what a run computes: :data:`NOT_IDENTITY` at the top level (the
+  experiment ``name`` only picks a directory) and :data:`TRAIN_NOT_IDENTITY` under ``train``.
+
+Class paths in a config (``task.cls``) are hashed as spelled before the harness moved into the
+``pisa_bench`` package (``experiments.*``, ``baselines.*``; :data:`LEGACY_MODULES`), so runs
+recorded before the move keep their identities and directories.
+
+The run directory's name ends with the first 8 digits of :func:`identity_hash`, and
+``summary.json`` and ``meta.json`` record the whole hash (``identity``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+NOT_IDENTITY = ("seed", "name", "paths", "run", "logger", "hydra", "reproduce")
+TRAIN_NOT_IDENTITY = ("device", "threads", "progress", "preempt_at_step", "ckpt_every",
+                      "ckpt_every_min", "ckpt_at_eval")
+#: (module prefix now, as identities spell it): the harness's packages before ``pisa_bench``
+LEGACY_MODULES = (("pisa_bench.baselines.", "baselines."), ("pisa_bench.", "experiments."))
+
+
+def _legacy_spelling(value: Any) -> Any:
+    """A ``pisa_bench.*`` module path as the identity spells it (its pre-``pisa_bench`` name)."""
+    if isinstance(value, str):
+        for now, before in LEGACY_MODULES:
+            if value.startswith(now):
+                return before + value[len(now):]
+    return value
+
+
+def identity_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config (a ``DictConfig`` or plain mapping) that is its identity."""
+    if not isinstance(cfg, dict):  # a DictConfig: resolve it
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    seed = cfg.get("seed")
+
+    def strip(d: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if str(k).endswith("seed") and seed is not None and v == seed:
+                continue
+            out[k] = strip(v) if isinstance(v, Mapping) else _legacy_spelling(v)
+        return out
+
+    c = strip({k: v for k, v in cfg.items() if k not in NOT_IDENTITY})
+    if isinstance(c.get("train"), dict):
+        c["train"] = {k: v for k, v in c["train"].items() if k not in TRAIN_NOT_IDENTITY}
+    return c
+
+
+def identity_hash(cfg: Mapping[str, Any]) -> str:
+    """12 hex digits of the SHA-256 of :func:`identity_config` as sorted JSON."""
+    blob = json.dumps(identity_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
