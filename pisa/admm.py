@@ -461,10 +461,6 @@ class PISA(Optimizer):
                 "first_grad_norm / l2_dual_only (the official VGG-11 code's round)"
             )
         self._consensus_dtype: torch.dtype | None = consensus_dtype
-        #: virtual mode with an accumulator (m > 1, or a rounded consensus): else in place
-        self._accumulates = not self._distributed and (
-            n_workers > 1 or consensus_dtype is not None
-        )
         self._weights = self._normalise_weights(worker_weights)
         #: ``first_grad_norm``: each local worker's first gradient norm N_i (None: not yet)
         self._first_norms: list[float | None] = [None] * self._n_local
@@ -624,6 +620,14 @@ class PISA(Optimizer):
     def worker_index(self) -> int:
         """Index of the worker the next ``step()`` belongs to (the rank in distributed mode)."""
         return self._rank if self._distributed else self._worker
+
+    @property
+    def _accumulates(self) -> bool:
+        """Virtual mode with an accumulator (``m > 1``, or a rounded consensus); else the
+        update is in place (``m = 1``) or goes to the communication buckets (distributed)."""
+        return not self._distributed and (
+            self._n_local > 1 or self._consensus_dtype is not None
+        )
 
     @property
     def round_done(self) -> bool:
@@ -824,9 +828,6 @@ class PISA(Optimizer):
         for key, value in (("_bucket_mb", 25.0), ("_comm_dtype", None), ("_buckets", None),
                            ("_consensus_dtype", None)):
             self.__dict__.setdefault(key, value)
-        self.__dict__.setdefault(
-            "_accumulates", not self._distributed and self._n_workers > 1
-        )
         self.__dict__.setdefault("_first_norms", [None] * self.__dict__.get("_n_local", 1))
 
     def _first_device(self) -> torch.device:
@@ -1111,6 +1112,7 @@ class PISA(Optimizer):
                     p.detach().copy_(cons.to(p.dtype).mul_(inv_sigma))
                 cons.zero_()
         return [(group, ps, None) for group, ps, _ in close]
+
     def _worker_norm(self, local: int) -> float:
         """Local worker ``local``'s first gradient norm ``N_i`` (1 while not measured)."""
         norm = self._first_norms[local]
