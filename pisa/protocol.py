@@ -46,7 +46,12 @@ class ConsensusOptimizer(Protocol):
 
 
 def is_consensus(opt: Any) -> bool:
-    """True when ``opt`` follows :class:`ConsensusOptimizer` (drive its steps in rounds)."""
+    """True when ``opt`` follows :class:`ConsensusOptimizer` (drive its steps in rounds).
+
+    ``opt`` may also be an optimizer class: true when the class defines every member of the
+    protocol (as properties and methods), so that its instances follow it; a registry can so
+    tell the family from the class it names before building anything (``issubclass`` is not
+    available for a protocol with properties)."""
     return isinstance(opt, ConsensusOptimizer)
 
 

@@ -202,14 +202,15 @@ def bracket_label(base: str, values: dict[str, Any]) -> str:
 def arm_labels(cfg: DictConfig, meta: dict[str, Any]) -> tuple[str, str]:
     """``(task label, optimizer label)`` of a config, with the experiment's
     ``split_task_by`` / ``split_optim_by`` values (``fl_adult[partition=iid]``,
-    ``sgdm[method=fedavg]``; the PISA family keeps its name)."""
-    from pisa_bench.analysis.aggregate import is_baseline
+    ``sgdm[method=fedavg]``; the PISA family, told by the optimizer's class
+    (:func:`~pisa_bench.baselines.registry.family_of`), keeps its name)."""
+    from pisa_bench.baselines.registry import family_of
 
     c = OmegaConf.to_container(cfg, resolve=True)
     task = bracket_label(str(cfg.task.name), {n: select_key(c, k) for n, k in
                                          (meta.get("split_task_by") or {}).items()})
     optim = str(cfg.optim.name)
-    if is_baseline(optim):
+    if family_of(optim) != "consensus":
         optim = bracket_label(optim, {n: select_key(c, k) for n, k in
                                  (meta.get("split_optim_by") or {}).items()})
     return task, optim
@@ -233,6 +234,14 @@ class Arm:
     @property
     def key(self) -> tuple[str, str]:
         return self.task, self.label
+
+    @property
+    def family(self) -> str | None:
+        """``consensus`` | ``baseline``: the family of the arm's optimizer class, before any run
+        (:func:`~pisa_bench.baselines.registry.family_of`)."""
+        from pisa_bench.baselines.registry import family_of
+
+        return family_of(str(self.cfg.optim.name))
 
 
 def adopt(run_dir: Path, cfg: DictConfig, ignore: Sequence[str] = ()) -> Path:

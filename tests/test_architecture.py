@@ -25,7 +25,7 @@ RULES: list[tuple[str, tuple[str, ...]]] = [
       for m in ("rundir", "checkpoints", "runlock", "stop", "record")],
     ("pisa_bench.analysis", ("pisa_bench.analysis", "pisa_bench.errors",
                               "pisa_bench.identity", "pisa_bench.rundir", "pisa_bench.config",
-                              "pisa_bench.protocol")),
+                              "pisa_bench.protocol", "pisa_bench.baselines.registry")),
     # the training side: everything but analysis and the launch layer (sweep, reproduce)
     ("pisa_bench.", ("pisa", "pisa_bench.baselines", "pisa_bench.errors", "pisa_bench.identity",
                       "pisa_bench.data", "pisa_bench.models", "pisa_bench.rundir",

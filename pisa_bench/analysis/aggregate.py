@@ -8,12 +8,15 @@ Rules (stated again in the rendered tables' footnotes):
 - cost numbers (optimizer-step ms, peak memory, optimizer-state bytes) are means over every run
   that recorded them, whatever its status;
 - "k/n reached": k ok runs reached the target out of all n runs; the median steps / time is
-  taken over those k.
+  taken over those k;
+- baselines are the optimizers whose runs are not of the PISA family: the runs table's
+  ``family`` column (``summary.json``'s, see :func:`.collect.with_family`), never their names.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Container
 from typing import Any
 
 import numpy as np
@@ -21,16 +24,24 @@ import pandas as pd
 
 from pisa_bench.analysis.stats import mean_ci, median_reached, paired_test
 
-PISA_FAMILY = frozenset({"pisa", "sisa", "nsisa"})
+CONSENSUS = "consensus"  # the runs table's ``family`` of a PISA-family run
 TASK_KEYS = ["task", "scale"]
 GROUP_KEYS = [*TASK_KEYS, "optim"]
 QUALITY_STATUSES = ("ok",)
 TASK_FIELDS = ("metric", "metric_split", "lower_is_better", "target")
 
 
-def is_baseline(optim: str) -> bool:
-    """Baselines are every optimizer outside the PISA family (``sisa[lr=0.1]`` is SISA)."""
-    return str(optim).split("[", 1)[0].lower() not in PISA_FAMILY
+def consensus_labels(runs: pd.DataFrame, col: str = "optim") -> set[str]:
+    """The optimizer labels (column ``col``) of the PISA family: rows whose ``family`` is
+    ``consensus`` (empty when the table has no ``family``)."""
+    if runs.empty or "family" not in runs.columns or col not in runs.columns:
+        return set()
+    return set(runs.loc[runs["family"] == CONSENSUS, col].dropna().astype(str))
+
+
+def family_first(consensus: Container[str]) -> Callable[[Any], tuple[bool, str]]:
+    """Sort key: the PISA family (labels in ``consensus``) first, then baselines, by name."""
+    return lambda o: (str(o) not in consensus, str(o))
 
 
 def _as_bool(v: Any) -> bool:
@@ -42,7 +53,7 @@ def _as_bool(v: Any) -> bool:
 def prepare(runs: pd.DataFrame) -> pd.DataFrame:
     """Copy with string keys (a missing scale becomes ``""``) and numeric metric columns."""
     df = runs.copy()
-    for key in GROUP_KEYS:
+    for key in (*GROUP_KEYS, "family"):
         if key not in df.columns:
             df[key] = ""
         df[key] = df[key].map(lambda v: "" if v is None or pd.isna(v) else str(v))
@@ -78,7 +89,9 @@ def summarize(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     for (task, scale, optim), g in df.groupby(GROUP_KEYS, sort=True):
         status = g["status"].fillna("unknown")
         ok = g[status.isin(QUALITY_STATUSES)]
-        row: dict[str, Any] = {"task": task, "scale": scale, "optim": optim}
+        row: dict[str, Any] = {"task": task, "scale": scale, "optim": optim,
+                               "family": CONSENSUS if (g["family"] == CONSENSUS).any()
+                               else next((f for f in g["family"] if f), "")}
         row.update(info.loc[(task, scale)].to_dict())
         row.update(
             n=len(g),
@@ -115,11 +128,13 @@ def summarize(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
 
 
 def best_baselines(summary: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """Per (task, scale): the baseline with the best mean final metric (``lower_is_better``);
-    references (federated local-only / centralised, column ``reference``) are never picked."""
+    """Per (task, scale): the baseline (``family`` not ``consensus``) with the best mean final
+    metric (``lower_is_better``); references (federated local-only / centralised, column
+    ``reference``) are never picked."""
     out = {}
     for (task, scale), g in summary.groupby(TASK_KEYS):
-        g = g[g["optim"].map(is_baseline) & g["final_mean"].notna()]
+        baseline = g["family"] != CONSENSUS if "family" in g else True
+        g = g[baseline & g["final_mean"].notna()]
         if "reference" in g:
             g = g[~g["reference"].astype(bool)]
         if g.empty:

@@ -31,6 +31,7 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 
+from pisa_bench.analysis.aggregate import consensus_labels
 from pisa_bench.analysis.collect import collect
 from pisa_bench.analysis.figures import STYLE, _new_figure, optimizer_colors, plot_curves, save
 from pisa_bench.analysis.identity import identity_of
@@ -83,7 +84,8 @@ def protocol_runs(proto: Protocol) -> tuple[pd.DataFrame, pd.DataFrame]:
             base["identity"] = identity_of(rd)
         for arm, role, seed, m in entries:
             task, lower = proto.metric_of(arm)
-            rows.append({**base, "arm_task": arm.task, "arm": arm.label, "role": role,
+            rows.append({**base, "family": base.get("family") or arm.family,
+                         "arm_task": arm.task, "arm": arm.label, "role": role,
                          "seed": seed, "lr_mult": m, "extra_trial": m in arm.extra,
                          "metric": base.get("metric") or task,
                          "lower_is_better": lower})
@@ -272,7 +274,7 @@ def plot_sensitivity(rows: pd.DataFrame, proto: Protocol, path_stem: str | os.Pa
     tasks = sorted(set(t["arm_task"]))
     if not tasks:
         return []
-    colors = optimizer_colors(t["arm"])
+    colors = optimizer_colors(t["arm"], consensus_labels(t, "arm"))
     chosen = {(a.task, a.label): a.chosen for a in proto.arms}
     with mpl.rc_context(STYLE):
         fig = _new_figure(2, len(tasks), w=4.2, h=2.8)

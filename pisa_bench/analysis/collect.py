@@ -9,6 +9,10 @@ A run directory is any directory holding a ``summary.json``; they are found recu
 the given roots (a Hydra multirun dir, a SLURM sweep dir, ``results/``, ``outputs/``) and the
 same directory reached twice (overlapping roots, symlinks) is kept once. Runs of every status
 are kept: tables count diverged/failed runs instead of dropping them.
+
+The ``family`` column (``consensus`` for the PISA family, else ``baseline``) is what tells
+baselines apart in the analysis; :func:`with_family` fills it from ``summary.json``, checked
+against the class of the run's optimizer.
 """
 
 from __future__ import annotations
@@ -131,13 +135,42 @@ def collect(roots: Iterable[str | os.PathLike]) -> tuple[pd.DataFrame, pd.DataFr
     if runs.empty:
         runs = pd.DataFrame(columns=[*SUMMARY_FIELDS, "run_dir"])
     first = [c for c in (*ID_COLUMNS, "status") if c in runs.columns]
-    runs = runs[first + [c for c in runs.columns if c not in first]]
+    runs = with_family(runs[first + [c for c in runs.columns if c not in first]])
     curves_df = (
         pd.concat(curves, ignore_index=True)
         if curves
         else pd.DataFrame(columns=[*CURVE_ID_COLUMNS, *METRIC_COLUMNS])
     )
     return _arrow_safe(runs), _arrow_safe(curves_df)
+
+
+def run_family(recorded: Any, optim_name: Any) -> str | None:
+    """One run's family: ``summary.json``'s ``family`` (``recorded``), checked against the class
+    of the config's optimizer (``optim.name`` through the registry and
+    :class:`pisa.ConsensusOptimizer`, as the trainer decides it today:
+    :func:`pisa_bench.baselines.registry.family_of`). The class decides where the record is
+    missing (summaries written before the field existed, runs that failed before building their
+    optimizer) or disagrees (Muon / Shampoo Hybrids recorded ``consensus`` before the trainer
+    followed a Hybrid's main optimizer); the record stands for a name the registry does not
+    know; ``None`` when neither tells."""
+    from pisa_bench.baselines.registry import FAMILIES, family_of
+
+    derived = family_of(str(optim_name)) if isinstance(optim_name, str) else None
+    if derived is not None:
+        return derived
+    return str(recorded) if recorded in FAMILIES else None
+
+
+def with_family(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with its ``family`` column settled by :func:`run_family` for every row (the
+    optimizer's registry name: ``optim.name``, else ``optim``), set in place and returned."""
+    none = pd.Series(None, index=runs.index, dtype=object)
+    recorded = runs.get("family", none)
+    names = [n if isinstance(n, str) else o for n, o in
+             zip(runs.get("optim.name", none), runs.get("optim", none))]
+    runs["family"] = pd.Series([run_family(r, n) for r, n in zip(recorded, names)],
+                               index=runs.index)
+    return runs
 
 
 def status_counts(runs: pd.DataFrame) -> dict[str, int]:
@@ -184,4 +217,4 @@ def load_collected(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame 
         (p for s in suffixes if (p := _stem_path(f"{stem}_curves", s)).is_file()), None
     )
     curves = _read_table(curves_path) if curves_path else None
-    return _read_table(runs_path), curves
+    return with_family(_read_table(runs_path)), curves

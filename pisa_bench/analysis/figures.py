@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 
 import matplotlib as mpl
@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogFormatter
 
-from pisa_bench.analysis.aggregate import PISA_FAMILY, TASK_KEYS, task_info
+from pisa_bench.analysis.aggregate import TASK_KEYS, consensus_labels, family_first, task_info
 from pisa_bench.analysis.curves import metric_curves, primary_curves, seed_band
 from pisa_bench.analysis.profiles import (
     COSTS,
@@ -49,9 +49,12 @@ def display_name(optim: str) -> str:
     return DISPLAY.get(str(optim).lower(), str(optim))
 
 
-def optimizer_colors(optims: Iterable[str]) -> dict[str, tuple[float, ...]]:
-    """A fixed colour per optimizer: the PISA family first, then baselines, alphabetically."""
-    names = sorted(set(optims), key=lambda o: (str(o).lower() not in PISA_FAMILY, str(o)))
+def optimizer_colors(
+    optims: Iterable[str], consensus: Container[str] = ()
+) -> dict[str, tuple[float, ...]]:
+    """A fixed colour per optimizer: the PISA family (the labels in ``consensus``, e.g.
+    :func:`.aggregate.consensus_labels` of the runs) first, then baselines, alphabetically."""
+    names = sorted(set(optims), key=family_first(consensus))
     cmap = mpl.colormaps["tab10" if len(names) <= 10 else "tab20"]
     return {o: cmap(i % cmap.N) for i, o in enumerate(names)}
 
@@ -135,7 +138,8 @@ def plot_curves(
         return []
     info = task_info(runs).set_index(TASK_KEYS)
     tasks = sorted(set(map(tuple, pd.concat([prim, train])[TASK_KEYS].to_numpy())))
-    colors = optimizer_colors(pd.concat([prim, train])["optim"])
+    consensus = consensus_labels(runs)
+    colors = optimizer_colors(pd.concat([prim, train])["optim"], consensus)
     rows_per = 2 if not train.empty else 1
     n_cols = min(len(tasks), MAX_COLS)
     n_blocks = math.ceil(len(tasks) / n_cols)
@@ -165,8 +169,8 @@ def plot_curves(
                 ax.set_title(task_label(task, scale))
                 ax.set_xlabel(X_LABELS.get(x, x))
                 ax.set_ylabel(ylabel)
-        handles = [Line2D([], [], color=colors[o], label=display_name(o)) for o in sorted(
-            drawn, key=lambda o: (str(o).lower() not in PISA_FAMILY, str(o)))]
+        handles = [Line2D([], [], color=colors[o], label=display_name(o))
+                   for o in sorted(drawn, key=family_first(consensus))]
         spread = "min–max" if band == "minmax" else "±1 std"
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6),
                    title=f"line: mean over seeds, band: {spread}", title_fontsize=7)
@@ -183,7 +187,8 @@ def plot_profile(
 ) -> list[Path]:
     """Performance profiles ``rho_p(tau)`` (see :mod:`.profiles`), one panel per cost
     (``time``: time to target, ``steps``: steps to target), tau on a log axis."""
-    colors = optimizer_colors(runs["optim"].dropna().astype(str))
+    consensus = consensus_labels(runs)
+    colors = optimizer_colors(runs["optim"].dropna().astype(str), consensus)
     with mpl.rc_context(STYLE):
         fig = _new_figure(1, len(costs), w=4.0, h=3.0)
         axes = fig.subplots(1, len(costs), squeeze=False)[0]
@@ -191,7 +196,7 @@ def plot_profile(
             ratios = performance_ratios(target_costs(runs, COSTS[cost]))
             taus = default_taus(ratios)
             rho = performance_profile(ratios, taus)
-            for optim in sorted(rho.columns, key=lambda o: (o.lower() not in PISA_FAMILY, o)):
+            for optim in sorted(rho.columns, key=family_first(consensus)):
                 ax.step(taus, rho[optim], where="post", color=colors[optim],
                         label=display_name(optim))
             ax.set_xscale("log")

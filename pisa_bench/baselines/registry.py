@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 RESERVED = ("name", "routing", "companion")
-PISA_FAMILY = ("pisa", "sisa", "nsisa")
+FAMILIES = ("consensus", "baseline")  # summary.json's ``family``
 
 
 class Incompatible(ValueError):
@@ -43,6 +43,14 @@ class Spec:
     def cls(self) -> type[torch.optim.Optimizer]:
         module, name = self.target.split(":")
         return getattr(importlib.import_module(module), name)
+
+    @property
+    def consensus(self) -> bool:
+        """Whether the class is of the PISA family: it follows :class:`pisa.ConsensusOptimizer`
+        (asked of the class, before anything is built)."""
+        from pisa import is_consensus
+
+        return is_consensus(self.cls())
 
 
 def _po(name: str, **kw: Any) -> Spec:
@@ -89,6 +97,21 @@ def spec_of(name: str) -> Spec:
     return REGISTRY[name]
 
 
+def consensus_names() -> list[str]:
+    """The registered PISA-family optimizers (for messages; ask :attr:`Spec.consensus`)."""
+    return [name for name in available() if REGISTRY[name].consensus]
+
+
+def family_of(name: str) -> str | None:
+    """``consensus`` | ``baseline``: the family the trainer records in ``summary.json`` for a run
+    of the optimizer registered as ``name`` (:func:`pisa_bench.runtime.family`; with a companion
+    the run's :class:`pisa.Hybrid` counts by its main optimizer, this class), decided by
+    :attr:`Spec.consensus`; ``None`` for a name the registry does not know."""
+    if name not in REGISTRY:
+        return None
+    return FAMILIES[0] if REGISTRY[name].consensus else FAMILIES[1]
+
+
 def _kwargs(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     assert isinstance(c, dict)
@@ -98,7 +121,9 @@ def _kwargs(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 def needs_create_graph(cfg: DictConfig | dict[str, Any]) -> bool:
     """Whether ``backward`` must build the graph of the gradient (``create_graph=True``) for this
     optimizer: PISA's Hutchinson preconditioner differentiates the gradient."""
-    return str(cfg["name"]) in PISA_FAMILY and str(cfg.get("preconditioner", "")) == "hutchinson"
+    return (
+        str(cfg.get("preconditioner", "")) == "hutchinson" and spec_of(str(cfg["name"])).consensus
+    )
 
 
 def _build_plain(

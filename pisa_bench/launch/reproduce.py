@@ -52,18 +52,19 @@ SCRIPT = REPO / "scripts" / "reproduce.py"
 # --- rendering --------------------------------------------------------------------------------
 def relabel(runs: pd.DataFrame, curves: pd.DataFrame | None, meta: dict[str, Any]) -> None:
     """Give variants of one task / optimizer their own table rows (``reproduce.split_*_by``):
-    ``lstm_ptb`` -> ``lstm_ptb[layers=2]``. PISA-family optimizers keep their names (the
-    analysis recognises them by name)."""
-    from pisa_bench.analysis.aggregate import is_baseline
-    from pisa_bench.analysis.collect import load_config
+    ``lstm_ptb`` -> ``lstm_ptb[layers=2]``. PISA-family optimizers keep their names: rows whose
+    ``family`` is ``consensus`` (:func:`pisa_bench.analysis.collect.with_family`)."""
+    from pisa_bench.analysis.collect import load_config, with_family
 
+    if "family" not in runs.columns:
+        with_family(runs)
     for col, spec_key in (("task", "split_task_by"), ("optim", "split_optim_by")):
         spec = meta.get(spec_key) or {}
         if not spec or runs.empty:
             continue
         new = {}
         for i, row in runs.iterrows():
-            if col == "optim" and not is_baseline(str(row["optim"])):
+            if col == "optim" and row["family"] == "consensus":
                 continue
             cfg = load_config(Path(str(row["run_dir"])))
             values = {name: select_key(cfg, key) for name, key in spec.items()}

@@ -10,7 +10,8 @@ Which method runs (``fl.method``, the top-level config group ``fl=``, which brin
 optimizer: ``fl=admm`` selects ``optim=sisa``, every baseline ``optim=sgdm``; an explicit ``optim=``
 replaces it):
 
-- ``admm``: the PISA family (``optim=sisa|pisa|nsisa``) as ADMM clients. The optimizer runs in
+- ``admm``: the PISA family (``optim=sisa|pisa|nsisa``, any class following
+  :class:`pisa.ConsensusOptimizer`) as ADMM clients. The optimizer runs in
   virtual-worker mode with ``n_workers = m`` and ``alpha_i = n_i / n``; in each round every
   client computes its gradient on its own data at the global weights and takes one
   preconditioned local step (``optimizer.step()``), the ``m``-th step forms the global weights.
@@ -52,7 +53,7 @@ from pisa_bench.baselines.federated import (
     build_algorithm,
     set_flat_params,
 )
-from pisa_bench.baselines.registry import PISA_FAMILY, needs_create_graph
+from pisa_bench.baselines.registry import consensus_names, needs_create_graph, spec_of
 from pisa_bench.data.partition import label_counts, parse_scheme, partition
 from pisa_bench.data.split import carve_validation
 from pisa_bench.models import build_model
@@ -67,15 +68,17 @@ BASELINES = tuple(ALGORITHMS)
 
 def resolve_method(method: str, optim: str) -> str:
     """The method that runs for ``fl.method`` and ``optim.name`` (``auto`` resolved); raises
-    ``ValueError`` for a combination that has no meaning."""
-    pisa = optim in PISA_FAMILY
+    ``ValueError`` for a combination that has no meaning. The family is the optimizer class's
+    (:attr:`~pisa_bench.baselines.registry.Spec.consensus`)."""
+    pisa = spec_of(optim).consensus
     if method == "auto":
         return "admm" if pisa else "fedavg"
     if method == "admm":
         if not pisa:
             raise ValueError(
                 f"fl=admm runs a PISA-family optimizer as ADMM clients; optim={optim} is not one "
-                f"(use optim=sisa|pisa|nsisa, or fl=fedavg to train clients with {optim})"
+                f"(use optim={'|'.join(consensus_names())}, or fl=fedavg to train clients with "
+                f"{optim})"
             )
         return method
     if method not in BASELINES:
