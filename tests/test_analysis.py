@@ -13,9 +13,15 @@ import pytest
 import yaml
 from scipy import stats
 
-from pisa_bench.analysis.aggregate import significance, summarize
+from pisa_bench.analysis.aggregate import (
+    best_baselines,
+    consensus_labels,
+    significance,
+    summarize,
+)
 from pisa_bench.analysis.collect import collect, load_collected, write_collected
 from pisa_bench.analysis.curves import seed_band
+from pisa_bench.analysis.figures import optimizer_colors
 from pisa_bench.analysis.profiles import performance_profile, performance_ratios, target_costs
 from pisa_bench.analysis.report import render
 from pisa_bench.analysis.tables import render_tables
@@ -53,7 +59,7 @@ EVAL_STEPS = (0, 10, 20, 30)
 def write_run(
     run_dir: Path, task: str, optim: str, seed: int, final: float, *, status: str = "ok",
     steps_to_target: int | None = None, lr: float = 1e-3, scale: str = "smoke",
-    task_spec: dict | None = None, torn: bool = False,
+    task_spec: dict | None = None, torn: bool = False, family: str | None = None,
 ) -> None:
     """A run directory as the trainer writes it (config, meta, metrics, summary)."""
     spec = task_spec or TASKS[task]
@@ -87,7 +93,7 @@ def write_run(
         "time_to_target_s": None if steps_to_target is None else steps_to_target * 0.1,
         "steps": 30, "opt_step_ms_mean": 2.0 + seed, "peak_memory_bytes": 2**20 * (1 + seed),
         "optimizer_state_bytes": 4096, "notes": ["synthetic"],
-        "error": "boom" if status == "failed" else None,
+        "error": "boom" if status == "failed" else None, "family": family,
     }
     atomic_write_json(run_dir / "summary.json", summary)
 
@@ -408,3 +414,54 @@ def test_table_never_pools_identities_and_flags_duplicates(tmp_path):
     assert table.count("reference |") == 1  # the test column's "reference": the best baseline
     line = next(ln for ln in table.splitlines() if ln.startswith("| adamw[lr=0.001] |"))
     assert line.rstrip().endswith("| reference |")
+
+
+# --- family: PISA family or baseline, from the runs, never from names ----------------------------
+ACC = {"metric": "accuracy", "lower_is_better": False, "target": None}
+
+
+def test_family_column_not_names_tells_baselines(tmp_path):
+    """A PISA-family optimizer under a name no list holds (``mysisa``, recorded ``consensus``)
+    is never the best baseline and leads the legend; a baseline named like the family
+    (``sisa_like``, recorded ``baseline``) is a baseline."""
+    for optim, family, finals in (("mysisa", "consensus", [0.90, 0.92, 0.91]),
+                                  ("sisa_like", "baseline", [0.80, 0.82, 0.81]),
+                                  ("adamw", "baseline", [0.70, 0.72, 0.71])):
+        for seed, final in enumerate(finals):
+            write_run(tmp_path / f"{optim}-{seed}", "t", optim, seed, final, task_spec=ACC,
+                      family=family)
+    runs, _ = collect([tmp_path])
+    assert dict(zip(runs["optim"], runs["family"])) == {
+        "mysisa": "consensus", "sisa_like": "baseline", "adamw": "baseline"}
+    summary = summarize(runs)
+    assert dict(zip(summary["optim"], summary["family"])) == {
+        "mysisa": "consensus", "sisa_like": "baseline", "adamw": "baseline"}
+    assert best_baselines(summary) == {("t", "smoke"): "sisa_like"}
+    tests = significance(runs, summary)
+    assert set(tests["optim"]) == {"mysisa", "adamw"} and set(tests["baseline"]) == {"sisa_like"}
+    assert consensus_labels(runs) == {"mysisa"}
+    assert list(optimizer_colors(runs["optim"], consensus_labels(runs))) == [
+        "mysisa", "adamw", "sisa_like"]
+
+
+def test_family_of_old_records_follows_the_optimizer_class(tmp_path):
+    """Summaries without ``family`` (written before the field, or by a run that failed before
+    building its optimizer) get the family of the config's optimizer class; a Muon Hybrid
+    recorded ``consensus`` (before the trainer followed a Hybrid's main optimizer) is a baseline;
+    for a name the registry does not know the record stands. The same from a runs CSV whose
+    ``family`` column is wrong or blank."""
+    records = {"sisa": None, "adamw": None, "muon": "consensus", "nsisa": "consensus",
+               "mysisa": "consensus", "sisa_like": None}
+    for optim, family in records.items():
+        write_run(tmp_path / "runs" / optim, "t", optim, 0, 0.5, task_spec=ACC, family=family)
+    want = {"sisa": "consensus", "adamw": "baseline", "muon": "baseline", "nsisa": "consensus",
+            "mysisa": "consensus", "sisa_like": None}
+    runs, curves = collect([tmp_path / "runs"])
+    assert families(runs) == want
+    runs["family"] = runs["optim"].map(records)  # the old records, as a committed runs.csv has
+    write_collected(runs, curves, tmp_path / "table" / "runs")
+    assert families(load_collected(tmp_path / "table" / "runs.csv")[0]) == want
+
+
+def families(runs: pd.DataFrame) -> dict[str, str | None]:
+    return {o: None if pd.isna(f) else f for o, f in zip(runs["optim"], runs["family"])}

@@ -127,3 +127,18 @@ def test_hydra_through_its_public_api_only() -> None:
             bad += [f"{path.relative_to(REPO)}: {n}" for n in names
                     if n.startswith("hydra._internal")]
     assert not bad, bad
+
+
+def test_no_list_of_the_family_names() -> None:
+    """The PISA family is told by the optimizer's class (``pisa.ConsensusOptimizer``), never by
+    a tuple, list or set of its names (``PISA_FAMILY = ("pisa", "sisa", "nsisa")``, ``optim in
+    ("sisa", "nsisa")``): no such literal holds two of the family's names in ``pisa_bench/``."""
+    names = {"pisa", "sisa", "nsisa"}
+    bad = []
+    for path in sorted((REPO / "pisa_bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                found = {e.value for e in node.elts if isinstance(e, ast.Constant)} & names
+                if len(found) >= 2:
+                    bad.append(f"{path.relative_to(REPO)}:{node.lineno}: {sorted(found)}")
+    assert not bad, "name lists of the PISA family:\n" + "\n".join(bad)

@@ -492,6 +492,15 @@ def test_consensus_protocol() -> None:
     assert pisa.is_consensus(muon) and muon.n_workers == 1 and muon.round_done
 
 
+def test_consensus_protocol_on_classes() -> None:
+    """``is_consensus`` of a class: whether its instances follow the protocol (a registry asks
+    it of the class it names, before building anything)."""
+    for cls in (pisa.PISA, pisa.SISA, pisa.NSISA, pisa.Hybrid):
+        assert pisa.is_consensus(cls), cls
+    for cls in (torch.optim.AdamW, torch.optim.SGD, torch.optim.Muon):
+        assert not pisa.is_consensus(cls), cls
+
+
 def test_hybrid_rounds_follow_any_consensus_main() -> None:
     """Hybrid asks the protocol, not the class: a non-PISA main with rounds of 2 gets the
     companion stepped once per round."""
