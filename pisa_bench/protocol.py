@@ -204,13 +204,13 @@ def arm_labels(cfg: DictConfig, meta: dict[str, Any]) -> tuple[str, str]:
     ``split_task_by`` / ``split_optim_by`` values (``fl_adult[partition=iid]``,
     ``sgdm[method=fedavg]``; the PISA family, told by the optimizer's class
     (:func:`~pisa_bench.baselines.registry.family_of`), keeps its name)."""
-    from pisa_bench.baselines.registry import family_of
+    from pisa_bench.baselines.registry import CONSENSUS, family_of
 
     c = OmegaConf.to_container(cfg, resolve=True)
     task = bracket_label(str(cfg.task.name), {n: select_key(c, k) for n, k in
                                          (meta.get("split_task_by") or {}).items()})
     optim = str(cfg.optim.name)
-    if family_of(optim) != "consensus":
+    if family_of(optim) != CONSENSUS:
         optim = bracket_label(optim, {n: select_key(c, k) for n, k in
                                  (meta.get("split_optim_by") or {}).items()})
     return task, optim

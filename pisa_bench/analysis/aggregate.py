@@ -24,7 +24,7 @@ import pandas as pd
 
 from pisa_bench.analysis.stats import mean_ci, median_reached, paired_test
 
-CONSENSUS = "consensus"  # the runs table's ``family`` of a PISA-family run
+CONSENSUS = "consensus"  # ``family`` of a PISA-family run (pisa_bench.baselines.registry's)
 TASK_KEYS = ["task", "scale"]
 GROUP_KEYS = [*TASK_KEYS, "optim"]
 QUALITY_STATUSES = ("ok",)
@@ -89,9 +89,9 @@ def summarize(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     for (task, scale, optim), g in df.groupby(GROUP_KEYS, sort=True):
         status = g["status"].fillna("unknown")
         ok = g[status.isin(QUALITY_STATUSES)]
-        row: dict[str, Any] = {"task": task, "scale": scale, "optim": optim,
-                               "family": CONSENSUS if (g["family"] == CONSENSUS).any()
-                               else next((f for f in g["family"] if f), "")}
+        recorded = set(g["family"]) - {""}  # one family per identity; PISA if any says so
+        row: dict[str, Any] = {"task": task, "scale": scale, "optim": optim, "family": (
+            CONSENSUS if CONSENSUS in recorded else min(recorded, default=""))}
         row.update(info.loc[(task, scale)].to_dict())
         row.update(
             n=len(g),

@@ -1,6 +1,7 @@
 """Every competitor by name (torch.optim, pytorch-optimizer) and the PISA family, one registry."""
 
 from pisa_bench.baselines.registry import (
+    CONSENSUS,
     FAMILIES,
     REGISTRY,
     Incompatible,
@@ -13,6 +14,6 @@ from pisa_bench.baselines.registry import (
 )
 
 __all__ = [
-    "FAMILIES", "REGISTRY", "Incompatible", "available", "build_optimizer", "consensus_names",
-    "family_of", "needs_create_graph", "spec_of",
+    "CONSENSUS", "FAMILIES", "REGISTRY", "Incompatible", "available", "build_optimizer",
+    "consensus_names", "family_of", "needs_create_graph", "spec_of",
 ]

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 RESERVED = ("name", "routing", "companion")
-FAMILIES = ("consensus", "baseline")  # summary.json's ``family``
+CONSENSUS, BASELINE = "consensus", "baseline"  # summary.json's ``family``
+FAMILIES = (CONSENSUS, BASELINE)
 
 
 class Incompatible(ValueError):
@@ -109,7 +110,7 @@ def family_of(name: str) -> str | None:
     :attr:`Spec.consensus`; ``None`` for a name the registry does not know."""
     if name not in REGISTRY:
         return None
-    return FAMILIES[0] if REGISTRY[name].consensus else FAMILIES[1]
+    return CONSENSUS if REGISTRY[name].consensus else BASELINE
 
 
 def _kwargs(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:

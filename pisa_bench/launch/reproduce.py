@@ -55,6 +55,7 @@ def relabel(runs: pd.DataFrame, curves: pd.DataFrame | None, meta: dict[str, Any
     ``lstm_ptb`` -> ``lstm_ptb[layers=2]``. PISA-family optimizers keep their names: rows whose
     ``family`` is ``consensus`` (:func:`pisa_bench.analysis.collect.with_family`)."""
     from pisa_bench.analysis.collect import load_config, with_family
+    from pisa_bench.baselines.registry import CONSENSUS
 
     if "family" not in runs.columns:
         with_family(runs)
@@ -64,7 +65,7 @@ def relabel(runs: pd.DataFrame, curves: pd.DataFrame | None, meta: dict[str, Any
             continue
         new = {}
         for i, row in runs.iterrows():
-            if col == "optim" and row["family"] == "consensus":
+            if col == "optim" and row["family"] == CONSENSUS:
                 continue
             cfg = load_config(Path(str(row["run_dir"])))
             values = {name: select_key(cfg, key) for name, key in spec.items()}
