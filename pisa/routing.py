@@ -22,6 +22,7 @@ from .protocol import is_consensus, picklable_state
 __all__ = [
     "DEFAULT_EXCLUDE",
     "Hybrid",
+    "NoHiddenMatrices",
     "hybrid",
     "hybrid_nsisa",
     "split_hidden_matrices",
@@ -40,6 +41,10 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 )
 
 OptimizerFactory = Callable[[list[nn.Parameter]], Optimizer]
+
+
+class NoHiddenMatrices(ValueError):
+    """:func:`hybrid` found no hidden matrices for the main optimizer."""
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -472,7 +477,8 @@ def hybrid(
     distributed: bool | None = None,
     bucket_mb: float | None = 25.0,
 ) -> Hybrid:
-    """``Hybrid(main(hidden), companion(rest))`` with :func:`split_hidden_matrices`.
+    """``Hybrid(main(hidden), companion(rest))`` with :func:`split_hidden_matrices`: the one
+    builder of hybrids (``NoHiddenMatrices`` when nothing is left for ``main``).
 
     ``main`` / ``companion`` are callables ``params -> Optimizer`` (``companion`` also a name:
     ``adamw``, ``adam``, ``sgd``, ``sisa``, built with ``companion_kwargs``). The companion is
@@ -484,9 +490,10 @@ def hybrid(
     """
     hidden, rest = split_hidden_matrices(model, exclude, require_2d=require_2d)
     if not hidden:
-        raise ValueError("the model has no hidden matrices for the main optimizer")
+        raise NoHiddenMatrices("the model has no hidden matrices for the main optimizer")
+    main_opt = main(hidden)
     comp = _build_companion(companion, rest, dict(companion_kwargs or {})) if rest else None
-    return Hybrid(main(hidden), comp, distributed=distributed, bucket_mb=bucket_mb)
+    return Hybrid(main_opt, comp, distributed=distributed, bucket_mb=bucket_mb)
 
 
 def hybrid_nsisa(
