@@ -144,14 +144,15 @@ class _State(Mapping[Tensor, Any]):
 class Hybrid(Optimizer):
     """A main optimizer and a companion optimizer stepped as one.
 
-    A composition: ``main`` and ``companion`` keep their own groups and state. The Hybrid is a
-    ``torch.optim.Optimizer`` (LR schedulers, step hooks, ``torch.compile``'s graph break work
-    as for any) whose ``param_groups`` and ``state`` are live read-only views over both:
-    ``param_groups`` lists the main's groups, then the companion's (the same dicts, so a
-    scheduler's ``group['lr']`` reaches them, also after ``load_state_dict`` or a group added
-    to either); ``state`` maps every parameter to its optimizer's state. Add a group to
-    ``main`` or ``companion``, not to the Hybrid. ``step()`` steps the main optimizer on every
-    call. The companion:
+    A composition: ``main`` and ``companion`` own their groups and state; the Hybrid is a
+    ``torch.optim.Optimizer`` (LR schedulers, step hooks, closures, ``torch.compile``'s graph
+    break work as for any) that differs from a plain one where ownership demands it, since a
+    copy of the groups would go stale when torch's ``load_state_dict`` replaces them:
+    ``param_groups`` is a live read-only sequence of the main's groups, then the companion's
+    (the same dicts, so a scheduler's ``group['lr']`` reaches them); ``state`` a live read-only
+    mapping of every parameter's state; ``add_param_group`` refuses a new group (add it to
+    ``main`` or ``companion``; ``param_groups`` shows it at once); ``state_dict`` nests both
+    optimizers'. ``step()`` steps the main optimizer on every call. The companion:
 
     * main is a PISA-family optimizer in virtual mode with ``m > 1`` workers: the companion's
       gradients are accumulated over the ``m`` worker calls with the worker weights ``alpha_i``
