@@ -18,7 +18,14 @@ from .preconditioners import (
     hutchinson_diagonal,
 )
 from .protocol import ConsensusOptimizer, is_consensus
-from .routing import DEFAULT_EXCLUDE, Hybrid, hybrid, hybrid_nsisa, split_hidden_matrices
+from .routing import (
+    DEFAULT_EXCLUDE,
+    Hybrid,
+    NoHiddenMatrices,
+    hybrid,
+    hybrid_nsisa,
+    split_hidden_matrices,
+)
 from .sisa import SISA
 
 __all__ = [
@@ -33,6 +40,7 @@ __all__ = [
     "Hutchinson",
     "Hybrid",
     "Identity",
+    "NoHiddenMatrices",
     "Preconditioner",
     "SecondMoment",
     "distributed",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from .protocol import is_consensus, picklable_state
 __all__ = [
     "DEFAULT_EXCLUDE",
     "Hybrid",
+    "NoHiddenMatrices",
     "hybrid",
     "hybrid_nsisa",
     "split_hidden_matrices",
@@ -40,6 +41,10 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 )
 
 OptimizerFactory = Callable[[list[nn.Parameter]], Optimizer]
+
+
+class NoHiddenMatrices(ValueError):
+    """:func:`hybrid` found no hidden matrices for the main optimizer."""
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -89,12 +94,65 @@ def split_hidden_matrices(
     return hidden, rest
 
 
+class _Groups(Sequence[dict[str, Any]]):
+    """``Hybrid.param_groups``: the main optimizer's groups, then the companion's (the same
+    dicts), read live, so a group added to either or replaced by its ``load_state_dict`` shows
+    at once."""
+
+    def __init__(self, optimizers: tuple[Optimizer, ...]) -> None:
+        self._optimizers = optimizers
+
+    def _groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self._optimizers for g in opt.param_groups]
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._groups()[index]
+
+    def __len__(self) -> int:
+        return sum(len(opt.param_groups) for opt in self._optimizers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._groups())
+
+    def __repr__(self) -> str:
+        return repr(self._groups())
+
+
+class _State(Mapping[Tensor, Any]):
+    """``Hybrid.state``: both optimizers' per-parameter state, read live (each parameter is in
+    one of them)."""
+
+    def __init__(self, optimizers: tuple[Optimizer, ...]) -> None:
+        self._optimizers = optimizers
+
+    def __getitem__(self, param: Tensor) -> Any:
+        for opt in self._optimizers:
+            if param in opt.state:  # never ``opt.state[param]`` first: it is a defaultdict
+                return opt.state[param]
+        raise KeyError(param)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (p for opt in self._optimizers for p in opt.state)
+
+    def __len__(self) -> int:
+        return sum(len(opt.state) for opt in self._optimizers)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
 class Hybrid(Optimizer):
     """A main optimizer and a companion optimizer stepped as one.
 
-    ``param_groups`` is the concatenation of both optimizers' groups (the same dict objects), so
-    LR schedulers on the wrapper drive both. ``step()`` steps the main optimizer on every call.
-    The companion:
+    A composition: ``main`` and ``companion`` own their groups and state; the Hybrid is a
+    ``torch.optim.Optimizer`` (LR schedulers, step hooks, closures, ``torch.compile``'s graph
+    break work as for any) that differs from a plain one where ownership demands it, since a
+    copy of the groups would go stale when torch's ``load_state_dict`` replaces them:
+    ``param_groups`` is a live read-only sequence of the main's groups, then the companion's
+    (the same dicts, so a scheduler's ``group['lr']`` reaches them); ``state`` a live read-only
+    mapping of every parameter's state; ``add_param_group`` refuses a new group (add it to
+    ``main`` or ``companion``; ``param_groups`` shows it at once); ``state_dict`` nests both
+    optimizers'. ``step()`` steps the main optimizer on every call. The companion:
 
     * main is a PISA-family optimizer in virtual mode with ``m > 1`` workers: the companion's
       gradients are accumulated over the ``m`` worker calls with the worker weights ``alpha_i``
@@ -149,9 +207,9 @@ class Hybrid(Optimizer):
                 raise ValueError("a parameter is in both the main and the companion optimizer")
         self.main = main
         self.companion = companion
-        self._ready = False
-        super().__init__([{"params": []}], {})
-        self._ready = True
+        # hooks, step patching; the groups are the optimizers' own (see add_param_group)
+        super().__init__([g for _, g in self._owned_groups()], {})
+        self._attach_views()
         self._main_is_pisa = is_consensus(main)
         if distributed is None and self._main_is_pisa and hasattr(main, "distributed"):
             self._distributed = bool(main.distributed)
@@ -175,37 +233,20 @@ class Hybrid(Optimizer):
                 self._beta1_mirror[key] = group["betas"][0]
 
     # ---------------------------------------------------------------- optimizer plumbing
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The main optimizer's groups, then the companion's (the same dicts)."""
-        if not self.__dict__.get("_ready", False):
-            return self.__dict__.setdefault("_init_groups", [])
-        groups = list(self.main.param_groups)
-        if self.companion is not None:
-            groups += self.companion.param_groups
-        return groups
+    def _optimizers(self) -> tuple[Optimizer, ...]:
+        return (self.main,) if self.companion is None else (self.main, self.companion)
 
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        if not self.__dict__.get("_ready", False):
-            self.__dict__["_init_groups"] = value
-
-    @property  # type: ignore[override]
-    def state(self) -> dict[Tensor, Any]:
-        """Read-only merged view of both optimizers' per-parameter state."""
-        merged = dict(self.main.state)
-        if self.companion is not None:
-            merged.update(self.companion.state)
-        return merged
-
-    @state.setter
-    def state(self, value: Any) -> None:  # Optimizer.__init__ assigns it; ignored
-        pass
+    def _attach_views(self) -> None:
+        """``param_groups`` and ``state`` as live views over both optimizers."""
+        self.param_groups = _Groups(self._optimizers())  # type: ignore[assignment]
+        self.state = _State(self._optimizers())  # type: ignore[assignment]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self.__dict__.get("_ready", False):
+        """Refuse a new group (``RuntimeError``): add it to ``main`` or ``companion``, which
+        ``param_groups`` shows at once. A group one of them holds already is accepted as is
+        (how ``Optimizer.__init__`` registers them)."""
+        if not any(param_group is g for _, g in self._owned_groups()):
             raise RuntimeError("add the group to Hybrid.main or Hybrid.companion instead")
-        super().add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.main.zero_grad(set_to_none=set_to_none)
@@ -385,16 +426,18 @@ class Hybrid(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything (both optimizers, accumulators), so deepcopy / pickle continue exactly;
-        the gradient all-reduce buffers start afresh."""
+        the gradient all-reduce buffers start afresh and the views are rebuilt on load."""
         state = picklable_state(self)
         state["_grad_sums"] = {
             key: pdist.GradientSum(gs.bucket_mb, gs.comm_dtype)
             for key, gs in self._grad_sums.items()
         }
+        del state["param_groups"], state["state"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._attach_views()
         self.__dict__.setdefault(
             "_grad_sums", {key: pdist.GradientSum() for key in ("main", "companion")}
         )
@@ -435,7 +478,8 @@ def hybrid(
     distributed: bool | None = None,
     bucket_mb: float | None = 25.0,
 ) -> Hybrid:
-    """``Hybrid(main(hidden), companion(rest))`` with :func:`split_hidden_matrices`.
+    """``Hybrid(main(hidden), companion(rest))`` with :func:`split_hidden_matrices`: the one
+    builder of hybrids (``NoHiddenMatrices`` when nothing is left for ``main``).
 
     ``main`` / ``companion`` are callables ``params -> Optimizer`` (``companion`` also a name:
     ``adamw``, ``adam``, ``sgd``, ``sisa``, built with ``companion_kwargs``). The companion is
@@ -447,9 +491,10 @@ def hybrid(
     """
     hidden, rest = split_hidden_matrices(model, exclude, require_2d=require_2d)
     if not hidden:
-        raise ValueError("the model has no hidden matrices for the main optimizer")
+        raise NoHiddenMatrices("the model has no hidden matrices for the main optimizer")
+    main_opt = main(hidden)
     comp = _build_companion(companion, rest, dict(companion_kwargs or {})) if rest else None
-    return Hybrid(main(hidden), comp, distributed=distributed, bucket_mb=bucket_mb)
+    return Hybrid(main_opt, comp, distributed=distributed, bucket_mb=bucket_mb)
 
 
 def hybrid_nsisa(

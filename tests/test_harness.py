@@ -200,6 +200,48 @@ def test_companion_routes_any_optimizer() -> None:
     assert "shampoo" in type(opt.main).__name__.lower()
 
 
+def test_registry_builds_hybrids_with_pisa_hybrid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry's hybrids come from :func:`pisa.hybrid` (one builder) and route as it does:
+    the same split and groups, the companion's config, ``Incompatible`` when nothing is left."""
+    import torch
+    from torch import nn
+
+    import pisa
+    from pisa_bench.baselines import Incompatible, build_optimizer
+
+    calls: list[str] = []
+    real = pisa.hybrid
+
+    def counted(*args: object, **kwargs: object) -> pisa.Hybrid:
+        calls.append("hybrid")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pisa, "hybrid", counted)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3))
+    cfg = {"name": "muon", "lr": 0.02, "routing": {"exclude": ["3."], "require_2d": True},
+           "companion": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.95]}}
+    opt = build_optimizer(model, cfg)
+    assert calls == ["hybrid"]
+    ref = real(model, lambda ps: torch.optim.Muon(ps, lr=0.02), exclude=("3.",),
+               require_2d=True, companion_kwargs={"lr": 1e-3, "betas": (0.9, 0.95)})
+    for ours, theirs in zip(opt.param_groups, ref.param_groups, strict=True):
+        assert [id(p) for p in ours["params"]] == [id(p) for p in theirs["params"]]
+        assert {k: v for k, v in ours.items() if k != "params"} == {
+            k: v for k, v in theirs.items() if k != "params"}
+    assert isinstance(opt.main, torch.optim.Muon) and isinstance(opt.companion, torch.optim.AdamW)
+    assert opt.companion.param_groups[0]["betas"] == (0.9, 0.95)
+
+    hidden_only = build_optimizer(nn.Linear(4, 4, bias=False), {"name": "nsisa", "lr": 0.01})
+    assert isinstance(hidden_only.main, pisa.NSISA) and hidden_only.companion is None
+    refused = r"none left after routing \(exclude=\['1\.', '2\.', '3\.'\], require_2d=True\)"
+    with pytest.raises(Incompatible, match=refused):
+        build_optimizer(model, {**cfg, "routing": {"exclude": ["1.", "2.", "3."],
+                                                   "require_2d": True}})
+    with pytest.raises(ValueError, match="companion optimizer must be a plain one, not 'muon'"):
+        build_optimizer(model, {**cfg, "companion": {"name": "muon"}})
+    assert len(calls) == 4
+
+
 def test_ns_dtypes_records_the_resolved_newton_schulz_dtype() -> None:
     """``ns_dtype: null`` resolves per device and dtype (float32 on CPU, float64 for float64
     matrices); an explicit dtype is recorded as set; optimizers without Newton-Schulz give None."""

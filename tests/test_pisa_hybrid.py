@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -173,3 +174,115 @@ def test_hybrid_rejects_shared_parameters() -> None:
     p = nn.Parameter(torch.ones(2, 2))
     with pytest.raises(ValueError, match="both"):
         Hybrid(pisa.NSISA([p]), torch.optim.AdamW([p]))
+
+
+# ------------------------------------------------------------------ a composition, not a mirror
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int, extra=None) -> None:
+    tokens, targets = data(seed, [4])
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model, tokens, targets)
+    if extra is not None:
+        loss = loss + extra(model.wte(tokens)).pow(2).mean()
+    loss.backward()
+    opt.step()
+
+
+def test_scheduler_reaches_groups_after_load_and_add_param_group() -> None:
+    """``param_groups`` follows both optimizers: their groups replaced by ``load_state_dict``
+    and a group added to ``main``, with a scheduler built right after (no Hybrid call between)."""
+    torch.manual_seed(0)
+    model = TinyGPT()
+    opt = pisa.hybrid_nsisa(model, lr=0.01, sigma=5.0, companion_kwargs={"lr": 1e-3})
+    _train_step(model, opt, 0)
+    fresh = pisa.hybrid_nsisa(model, lr=0.02, sigma=5.0, companion_kwargs={"lr": 2e-3})
+    old_groups = [*fresh.main.param_groups, *fresh.companion.param_groups]
+    fresh.load_state_dict(opt.state_dict())  # torch replaces the group dicts
+    groups = [*fresh.main.param_groups, *fresh.companion.param_groups]
+    assert all(g is not o for g, o in zip(groups, old_groups))
+    assert len(fresh.param_groups) == len(groups)
+    assert all(g is h for g, h in zip(fresh.param_groups, groups))
+
+    extra = nn.Linear(6, 6, bias=False)
+    fresh.main.add_param_group({"params": [extra.weight], "lr": 0.004})
+    assert fresh.param_groups[len(fresh.main.param_groups) - 1] is fresh.main.param_groups[-1]
+    sched = torch.optim.lr_scheduler.StepLR(fresh, step_size=1, gamma=0.5)
+    _train_step(model, fresh, 1, extra)
+    sched.step()
+    assert [g["lr"] for g in fresh.main.param_groups] == pytest.approx([0.005, 0.002])
+    assert fresh.companion.param_groups[0]["lr"] == pytest.approx(5e-4)
+    with pytest.raises(RuntimeError, match=r"Hybrid\.main or Hybrid\.companion"):
+        fresh.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+
+
+def test_state_is_a_live_read_only_view() -> None:
+    torch.manual_seed(0)
+    model = TinyGPT()
+    opt = pisa.hybrid(model, lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+                      companion_kwargs={"lr": 1e-3})
+    params = list(model.parameters())
+    assert len(opt.state) == 0 and params[0] not in opt.state
+    assert len(opt.main.state) == 0  # a lookup does not create entries in main's defaultdict
+    _train_step(model, opt, 0)
+    assert len(opt.state) == len(params) and set(opt.state) == set(params)
+    for p in params:
+        owner = opt.main if p in opt.main.state else opt.companion
+        assert opt.state[p] is owner.state[p]
+    assert len(opt.main.state) + len(opt.companion.state) == len(params)
+    with pytest.raises(TypeError):
+        opt.state[params[0]] = {}  # type: ignore[index]
+    copy_ = pisa.hybrid(model, lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+                        companion_kwargs={"lr": 1e-3})
+    copy_.load_state_dict(opt.state_dict())  # torch replaces main.state
+    assert set(copy_.state) == set(params)
+    assert all(copy_.state[p] is copy_.main.state[p] for p in copy_.main.state)
+
+
+def test_step_hooks_on_the_hybrid_fire_also_on_copies() -> None:
+    torch.manual_seed(0)
+    model = TinyGPT()
+    opt = pisa.hybrid_nsisa(model, lr=0.01, sigma=5.0, n_workers=2,
+                            companion_kwargs={"lr": 1e-3})
+    seen: list[str] = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.main.register_step_pre_hook(lambda o, a, k: seen.append("main"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    _train_step(model, opt, 0)
+    assert seen == ["pre", "main", "post"]
+    for how in ("deepcopy", "pickle"):
+        model_c, opt_c = (copy.deepcopy((model, opt)) if how == "deepcopy"
+                          else pickle.loads(pickle.dumps((model, opt))))
+        fired: list[str] = []
+        opt_c.register_step_pre_hook(lambda o, a, k, fired=fired: fired.append("pre"))
+        _train_step(model_c, opt_c, 1)
+        assert fired == ["pre"], how
+        assert len(seen) == 3  # torch's rule: hooks are not copied
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_owns_its_groups_and_continues_mid_round(how: str) -> None:
+    """A copy's views point at the copy's optimizers (its scheduler drives them, not the
+    original's); copied inside a round, both continue bit for bit."""
+    torch.manual_seed(0)
+    model = TinyGPT().to(DT)
+    opt = pisa.hybrid_nsisa(model, n_workers=3, companion_kwargs=ADAMW_KW, **NSISA_KW)
+    for seed in range(4):  # one round and one worker of the next
+        _train_step(model, opt, seed)
+    assert opt.worker_index == 1
+    model_c, opt_c = (copy.deepcopy((model, opt)) if how == "deepcopy"
+                      else pickle.loads(pickle.dumps((model, opt))))
+    own = [*opt_c.main.param_groups, *opt_c.companion.param_groups]
+    assert len(opt_c.param_groups) == len(own)
+    assert all(g is h for g, h in zip(opt_c.param_groups, own))
+    for seed in range(4, 9):
+        _train_step(model, opt, seed)
+        _train_step(model_c, opt_c, seed)
+    for (name, p), q in zip(model.named_parameters(), model_c.parameters()):
+        assert torch.equal(p, q), name
+    assert all(opt_c.state[p] is opt_c.main.state[p] for p in opt_c.main.state)
+    opt_c.companion.add_param_group({"params": [nn.Parameter(torch.ones(2, dtype=DT))]})
+    assert opt_c.param_groups[-1] is opt_c.companion.param_groups[-1]
+    sched = torch.optim.lr_scheduler.StepLR(opt_c, step_size=1, gamma=0.5)
+    _train_step(model_c, opt_c, 9)
+    sched.step()
+    assert opt.companion.param_groups[0]["lr"] == ADAMW_KW["lr"]
+    assert opt_c.companion.param_groups[0]["lr"] == pytest.approx(ADAMW_KW["lr"] / 2)

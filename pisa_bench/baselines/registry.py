@@ -142,8 +142,8 @@ def build_optimizer(
 
     Hybrid optimizers (Muon, NSISA), and any optimizer whose config has a ``companion``, get the
     hidden matrices; the embeddings, output head and vectors go to ``cfg.companion`` (AdamW by
-    default), wrapped in :class:`pisa.Hybrid` (e.g. Shampoo on GPT-2, whose 50k-row embedding
-    no Kronecker preconditioner can hold).
+    default), built as one :class:`pisa.Hybrid` by :func:`pisa.hybrid` (e.g. Shampoo on GPT-2,
+    whose 50k-row embedding no Kronecker preconditioner can hold).
     PISA-family optimizers detect torchrun themselves (one rank is one worker).
     """
     spec = spec_of(str(cfg["name"]))
@@ -153,26 +153,26 @@ def build_optimizer(
         return _build_plain(spec, model, params, kw)
     if spec.takes == "model":
         raise ValueError(f"optimizer '{cfg['name']}' takes the whole model: it has no companion")
-    from pisa import Hybrid, split_hidden_matrices
+    from pisa import NoHiddenMatrices, hybrid
 
     routing = cfg.get("routing") or {}
-    hidden, rest = split_hidden_matrices(
-        model,
-        exclude=tuple(routing.get("exclude", ())),
-        require_2d=bool(routing.get("require_2d", False)),
-    )
-    if not hidden:
+    exclude = tuple(routing.get("exclude", ()))
+    require_2d = bool(routing.get("require_2d", False))
+
+    def companion(rest: list[nn.Parameter]) -> torch.optim.Optimizer:
+        comp_cfg = cfg.get("companion") or {"name": "adamw"}
+        comp_spec = spec_of(str(comp_cfg["name"]))
+        if comp_spec.hybrid or comp_spec.takes == "model":
+            raise ValueError(f"companion optimizer must be a plain one, not '{comp_cfg['name']}'")
+        return _build_plain(comp_spec, model, rest, _kwargs(comp_cfg))
+
+    try:
+        return hybrid(
+            model, lambda hidden: spec.cls()(hidden, **kw), companion,
+            exclude=exclude, require_2d=require_2d,
+        )
+    except NoHiddenMatrices as err:
         raise Incompatible(
             f"optimizer '{cfg['name']}' trains hidden matrices, and this model has none left "
-            f"after routing (exclude={list(routing.get('exclude', ()))}, "
-            f"require_2d={bool(routing.get('require_2d', False))})"
-        )
-    main = spec.cls()(hidden, **kw)
-    if not rest:
-        return Hybrid(main, None)
-    comp_cfg = cfg.get("companion") or {"name": "adamw"}
-    comp_spec = spec_of(str(comp_cfg["name"]))
-    if comp_spec.hybrid or comp_spec.takes == "model":
-        raise ValueError(f"companion optimizer must be a plain one, not '{comp_cfg['name']}'")
-    companion = _build_plain(comp_spec, model, rest, _kwargs(comp_cfg))
-    return Hybrid(main, companion)
+            f"after routing (exclude={list(exclude)}, require_2d={require_2d})"
+        ) from err
