@@ -5,7 +5,8 @@ the key, the value given and the valid range or choices. What it checks:
 
 - ``seed`` and the ``train`` keys the shared loop reads: types and ranges; ``train.schedule``
   through :func:`pisa_bench.schedules.lr_multiplier` itself;
-- the task: ``task.cls`` is a :class:`~pisa_bench.tasks.base.Task` subclass,
+- the task: ``task.cls`` is a :class:`~pisa_bench.tasks.base.Task` subclass, ``task.model._target_``
+  (where given) an importable model class or factory,
   ``task.explode_above`` (if set) is a number > 0, and every ``task.data`` key is one that the
   task and its loader read (:meth:`Task.accepted_data_keys`);
 - the optimizer: ``optim.name`` is a registered one; every numeric default of
@@ -130,6 +131,15 @@ def _check_task(cfg: DictConfig) -> None:
         raise ConfigError("task.cls", where, expected) from None
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ConfigError("task.cls", where, "a subclass of pisa_bench.tasks.base.Task")
+    model = cfg.task.get("model")
+    if isinstance(model, DictConfig) and "_target_" in model:
+        from pisa_bench.models import model_factory
+
+        try:
+            model_factory(model._target_)
+        except ValueError as e:
+            raise ConfigError("task.model._target_", str(model._target_),
+                              _one_line(e).split(": ", 1)[-1]) from None
     limit = cfg.task.get("explode_above")
     if limit is not None and (not _is_number(limit) or not limit > 0):
         raise ConfigError("task.explode_above", limit, "a number > 0 or null (the default)")

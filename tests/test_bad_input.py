@@ -43,6 +43,8 @@ REAL = ["task.data.synthetic=false"]  # the shipped MNIST loader (smoke scale: s
         (["train.batch_size=abc"], "train.batch_size='abc'", "an integer >= 1"),
         (["train.schedule.name=cos"], "train.schedule.name='cos'", "constant, step, cosine"),
         (["train.precision=fp8"], "train.precision='fp8'", "auto, bf16, fp32"),
+        (["task.model._target_=pisa_bench.models.small.Nope"],
+         "task.model._target_='pisa_bench.models.small.Nope'", "not an importable model class"),
         (["+task.explode_above=-1"], "task.explode_above=-1", "a number > 0"),
         (["task.data.val_fraction=1.5"], "task.data.val_fraction=1.5", "a number in [0, 1)"),
         (["task.data.name=nope"], "task.data.name='nope'", "fashion_mnist, mnist"),
