@@ -9,7 +9,7 @@ the key, the value given and the valid range or choices. What it checks:
   (where given) an importable model class or factory,
   ``task.explode_above`` (if set) is a number > 0, and every ``task.data`` key is one that the
   task and its loader read (:meth:`Task.accepted_data_keys`);
-- the optimizer: ``optim.name`` is a registered one; every numeric default of
+- the optimizer: ``optim._target_`` is an importable optimizer class; every numeric default of
   ``conf/optim/<name>.yaml`` is given a number; then the optimizer is built, as the run would
   build it, on a tiny dummy model, so that torch's, pytorch-optimizer's and pisa's own checks
   (e.g. SISA's ``lr < 1/sigma``) run. When one refuses, the hyperparameter to blame is found by
@@ -28,13 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pisa_bench.baselines.registry import (
-    REGISTRY,
-    Incompatible,
-    available,
-    build_optimizer,
-    spec_of,
-)
+from pisa_bench.baselines.registry import RESERVED, Incompatible, Spec, build_optimizer, spec_of
 from pisa_bench.config import CONF_DIR
 from pisa_bench.errors import ConfigError
 from pisa_bench.schedules import SCHEDULES, lr_multiplier
@@ -230,8 +224,14 @@ RANGES = {
 
 def _check_optimizer(optim: DictConfig) -> None:
     name = str(optim.get("name"))
-    if name not in REGISTRY:
-        raise ConfigError("optim.name", name, f"choose one of {', '.join(available())}")
+    try:
+        spec = spec_of(optim)
+        spec.cls()
+    except ValueError as e:
+        key, _, rest = _one_line(e).partition("=")
+        if not key.startswith("optim."):
+            raise ConfigError("optim._target_", optim.get("_target_"), _one_line(e)) from None
+        raise ConfigError(key, optim.get(key[len("optim."):]), rest.split(": ", 1)[-1]) from None
     given = OmegaConf.to_container(optim, resolve=True)
     assert isinstance(given, dict)
     base = _defaults(name)
@@ -242,16 +242,16 @@ def _check_optimizer(optim: DictConfig) -> None:
             raise ConfigError(f"optim.{key}", value, "true or false")
         if _is_number(default) and not (_is_number(value) or value is None):
             raise ConfigError(f"optim.{key}", value, f"a number (default {default})")
-    params = _accepted_kwargs(name)
+    params = _accepted_kwargs(spec)
     if params is not None:
         for key in given:
-            if key not in params and key not in ("name", "routing", "companion"):
+            if key not in params and key not in RESERVED:
                 raise ConfigError(
                     f"optim.{key}",
                     given[key],
                     f"not a hyperparameter of {name}; it takes {', '.join(sorted(params))}",
                 )
-    if spec_of(name).target.split(":")[0] not in LIBRARIES or _build(given) is None:
+    if spec.target.rsplit(".", 1)[0] not in LIBRARIES or _build(given) is None:
         return  # (an optimizer registered from elsewhere, e.g. by a test, is not built twice)
     changed = [(k, v) for k, v in _leaves(given) if base_leaves.get(k, _MISSING) != v]
     candidates = [_with(base, k, v) for k, v in changed]  # one at a time on the defaults ...
@@ -264,7 +264,7 @@ def _check_optimizer(optim: DictConfig) -> None:
         if err is not None:
             message = f"invalid for {name}: {_one_line(err)}"
             leaf = key.rsplit(".", 1)[-1]
-            if spec_of(name).source != "pisa" and leaf in RANGES:
+            if spec.source != "pisa" and leaf in RANGES:
                 message += f" (valid: {RANGES[leaf]})"
             raise ConfigError(f"optim.{key}", value, message)
     raise ConfigError("optim", name, f"cannot be built: {_one_line(_build(given) or '')}")
@@ -273,9 +273,9 @@ def _check_optimizer(optim: DictConfig) -> None:
 _MISSING = object()
 
 
-def _accepted_kwargs(name: str) -> set[str] | None:
+def _accepted_kwargs(spec: Spec) -> set[str] | None:
     """Keyword names the optimizer's constructor takes (None: it takes ``**kwargs``)."""
-    sig = inspect.signature(spec_of(name).cls().__init__)
+    sig = inspect.signature(spec.cls().__init__)
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return None
     return {k for k in sig.parameters if k not in ("self", "params", "model")}

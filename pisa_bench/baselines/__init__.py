@@ -1,14 +1,10 @@
-"""Every competitor by name (torch.optim, pytorch-optimizer) and the PISA family, one registry."""
+"""Every competitor (torch.optim, pytorch-optimizer) and the PISA family, by ``optim._target_``."""
 
 from pisa_bench.baselines.registry import (
-    REGISTRY,
     Incompatible,
-    available,
     build_optimizer,
     needs_create_graph,
     spec_of,
 )
 
-__all__ = [
-    "REGISTRY", "Incompatible", "available", "build_optimizer", "needs_create_graph", "spec_of",
-]
+__all__ = ["Incompatible", "build_optimizer", "needs_create_graph", "spec_of"]
