@@ -79,6 +79,20 @@ def test_planned_identities_unchanged(experiment: str) -> None:
     assert not _diff(_golden()["plans"].get(experiment, {}), plan_identities(experiment))
 
 
+def test_a_known_target_hashes_as_its_registry_name_and_no_other() -> None:
+    """The rule of identity.py's LEGACY_TARGETS, one case each."""
+    h = identity_hash
+    model = {"_target_": "pisa_bench.models.cifar.DenseNet", "growth": 8}
+    assert h({"task": {"model": model}}) == h({"task": {"model": {"name": "densenet_cifar",
+                                                                   "growth": 8}}})
+    muon = {"name": "muon", "_target_": "torch.optim.Muon", "hybrid": True}
+    assert h({"optim": muon}) == h({"optim": {"name": "muon"}})
+    assert h({"optim": {**muon, "hybrid": False}}) != h({"optim": {"name": "muon"}})
+    assert h({"optim": {"name": "mine", "_target_": "torch.optim.AdamW"}}) != h(
+        {"optim": {"name": "mine"}})  # a known class under another label keeps its _target_
+    assert h({"task": {"model": {"_target_": "my.Net"}}}) != h({"task": {"model": {}}})
+
+
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit("usage: python tests/test_identity_golden.py --write  (rewrites the fixture)")
