@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -14,6 +15,20 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def group_options(group: str) -> list[str]:
     """The choices of a config group (``task``, ``optim``, ``experiment``, ...)."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def optim_config(name: str) -> dict[str, Any]:
+    """``conf/optim/<name>.yaml``: the optimizer config a bare name stands for (its class in
+    ``_target_``); ``ValueError`` naming the choices for an unknown name."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "optim" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown optimizer '{name}'; choose one of: "
+                         f"{', '.join(group_options('optim'))}")
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(cfg, dict)
+    return cfg
 
 
 def compose_config(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConfig:

@@ -210,7 +210,7 @@ def arm_labels(cfg: DictConfig, meta: dict[str, Any]) -> tuple[str, str]:
     task = bracket_label(str(cfg.task.name), {n: select_key(c, k) for n, k in
                                          (meta.get("split_task_by") or {}).items()})
     optim = str(cfg.optim.name)
-    if family_of(optim) != CONSENSUS:
+    if family_of(cfg.optim) != CONSENSUS:
         optim = bracket_label(optim, {n: select_key(c, k) for n, k in
                                  (meta.get("split_optim_by") or {}).items()})
     return task, optim
@@ -241,7 +241,7 @@ class Arm:
         (:func:`~pisa_bench.baselines.registry.family_of`)."""
         from pisa_bench.baselines.registry import family_of
 
-        return family_of(str(self.cfg.optim.name))
+        return family_of(self.cfg.optim)
 
 
 def adopt(run_dir: Path, cfg: DictConfig, ignore: Sequence[str] = ()) -> Path:

@@ -5,10 +5,11 @@ the key, the value given and the valid range or choices. What it checks:
 
 - ``seed`` and the ``train`` keys the shared loop reads: types and ranges; ``train.schedule``
   through :func:`pisa_bench.schedules.lr_multiplier` itself;
-- the task: ``task.cls`` is a :class:`~pisa_bench.tasks.base.Task` subclass,
+- the task: ``task.cls`` is a :class:`~pisa_bench.tasks.base.Task` subclass, ``task.model._target_``
+  (where given) an importable model class or factory,
   ``task.explode_above`` (if set) is a number > 0, and every ``task.data`` key is one that the
   task and its loader read (:meth:`Task.accepted_data_keys`);
-- the optimizer: ``optim.name`` is a registered one; every numeric default of
+- the optimizer: ``optim._target_`` is an importable optimizer class; every numeric default of
   ``conf/optim/<name>.yaml`` is given a number; then the optimizer is built, as the run would
   build it, on a tiny dummy model, so that torch's, pytorch-optimizer's and pisa's own checks
   (e.g. SISA's ``lr < 1/sigma``) run. When one refuses, the hyperparameter to blame is found by
@@ -27,13 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pisa_bench.baselines.registry import (
-    REGISTRY,
-    Incompatible,
-    available,
-    build_optimizer,
-    spec_of,
-)
+from pisa_bench.baselines.registry import RESERVED, Incompatible, Spec, build_optimizer, spec_of
 from pisa_bench.config import CONF_DIR
 from pisa_bench.errors import ConfigError
 from pisa_bench.schedules import SCHEDULES, lr_multiplier
@@ -130,6 +125,15 @@ def _check_task(cfg: DictConfig) -> None:
         raise ConfigError("task.cls", where, expected) from None
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ConfigError("task.cls", where, "a subclass of pisa_bench.tasks.base.Task")
+    model = cfg.task.get("model")
+    if isinstance(model, DictConfig) and "_target_" in model:
+        from pisa_bench.models import model_factory
+
+        try:
+            model_factory(model._target_)
+        except ValueError as e:
+            raise ConfigError("task.model._target_", str(model._target_),
+                              _one_line(e).split(": ", 1)[-1]) from None
     limit = cfg.task.get("explode_above")
     if limit is not None and (not _is_number(limit) or not limit > 0):
         raise ConfigError("task.explode_above", limit, "a number > 0 or null (the default)")
@@ -220,8 +224,14 @@ RANGES = {
 
 def _check_optimizer(optim: DictConfig) -> None:
     name = str(optim.get("name"))
-    if name not in REGISTRY:
-        raise ConfigError("optim.name", name, f"choose one of {', '.join(available())}")
+    try:
+        spec = spec_of(optim)
+        spec.cls()
+    except ValueError as e:
+        key, _, rest = _one_line(e).partition("=")
+        if not key.startswith("optim."):
+            raise ConfigError("optim._target_", optim.get("_target_"), _one_line(e)) from None
+        raise ConfigError(key, optim.get(key[len("optim."):]), rest.split(": ", 1)[-1]) from None
     given = OmegaConf.to_container(optim, resolve=True)
     assert isinstance(given, dict)
     base = _defaults(name)
@@ -232,16 +242,16 @@ def _check_optimizer(optim: DictConfig) -> None:
             raise ConfigError(f"optim.{key}", value, "true or false")
         if _is_number(default) and not (_is_number(value) or value is None):
             raise ConfigError(f"optim.{key}", value, f"a number (default {default})")
-    params = _accepted_kwargs(name)
+    params = _accepted_kwargs(spec)
     if params is not None:
         for key in given:
-            if key not in params and key not in ("name", "routing", "companion"):
+            if key not in params and key not in RESERVED:
                 raise ConfigError(
                     f"optim.{key}",
                     given[key],
                     f"not a hyperparameter of {name}; it takes {', '.join(sorted(params))}",
                 )
-    if spec_of(name).target.split(":")[0] not in LIBRARIES or _build(given) is None:
+    if spec.target.rsplit(".", 1)[0] not in LIBRARIES or _build(given) is None:
         return  # (an optimizer registered from elsewhere, e.g. by a test, is not built twice)
     changed = [(k, v) for k, v in _leaves(given) if base_leaves.get(k, _MISSING) != v]
     candidates = [_with(base, k, v) for k, v in changed]  # one at a time on the defaults ...
@@ -254,7 +264,7 @@ def _check_optimizer(optim: DictConfig) -> None:
         if err is not None:
             message = f"invalid for {name}: {_one_line(err)}"
             leaf = key.rsplit(".", 1)[-1]
-            if spec_of(name).source != "pisa" and leaf in RANGES:
+            if spec.source != "pisa" and leaf in RANGES:
                 message += f" (valid: {RANGES[leaf]})"
             raise ConfigError(f"optim.{key}", value, message)
     raise ConfigError("optim", name, f"cannot be built: {_one_line(_build(given) or '')}")
@@ -263,9 +273,9 @@ def _check_optimizer(optim: DictConfig) -> None:
 _MISSING = object()
 
 
-def _accepted_kwargs(name: str) -> set[str] | None:
+def _accepted_kwargs(spec: Spec) -> set[str] | None:
     """Keyword names the optimizer's constructor takes (None: it takes ``**kwargs``)."""
-    sig = inspect.signature(spec_of(name).cls().__init__)
+    sig = inspect.signature(spec.cls().__init__)
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         return None
     return {k for k in sig.parameters if k not in ("self", "params", "model")}

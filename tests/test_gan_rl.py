@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from pisa_bench.baselines import registry
 from pisa_bench.config import compose_config, group_options
 from pisa_bench.fid import (
     InceptionExtractor,
@@ -267,16 +266,16 @@ class VirtualWorkers(torch.optim.Optimizer):
 
 @pytest.fixture
 def virtual_workers(monkeypatch: pytest.MonkeyPatch) -> list[VirtualWorkers]:
-    """Register :class:`VirtualWorkers` as optimizer ``vw`` (``optim=sgdm optim.name=vw``)."""
+    """Importable :class:`VirtualWorkers`, optimizer ``vw`` (``optim=sgdm optim._target_=...``)."""
     module = types.ModuleType("_vw_for_tests")
     module.VirtualWorkers = VirtualWorkers  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "_vw_for_tests", module)
-    monkeypatch.setitem(registry.REGISTRY, "vw", registry.Spec("_vw_for_tests:VirtualWorkers"))
     VirtualWorkers.created = []
     return VirtualWorkers.created
 
 
-VW = ["optim=sgdm", "optim.name=vw", "optim.lr=0.01", "+optim.n_workers=2"]
+VW = ["optim=sgdm", "optim.name=vw", "optim._target_=_vw_for_tests.VirtualWorkers",
+      "optim.lr=0.01", "+optim.n_workers=2"]
 
 
 def test_wgan_splits_each_round_into_worker_sub_batches(run_cfg, virtual_workers) -> None:

@@ -190,8 +190,9 @@ def test_companion_routes_any_optimizer() -> None:
     from pisa_bench.baselines import build_optimizer
 
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 3))
-    cfg = {"name": "shampoo", "lr": 1e-3, "routing": {"exclude": ["2."]},
-           "companion": {"name": "adamw", "lr": 1e-3}}
+    cfg = {"name": "shampoo", "_target_": "pytorch_optimizer.Shampoo", "lr": 1e-3,
+           "routing": {"exclude": ["2."]},
+           "companion": {"name": "adamw", "_target_": "torch.optim.AdamW", "lr": 1e-3}}
     opt = build_optimizer(model, cfg)
     assert isinstance(opt, Hybrid)
     main_ids = {id(p) for g in opt.main.param_groups for p in g["params"]}

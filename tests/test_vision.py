@@ -161,15 +161,16 @@ def test_model_errors() -> None:
         VGG(image_size=16)  # five max-pools need >= 32 pixels
     with pytest.raises(ValueError, match="multiple of patch size"):
         ViT(image_size=30, patch_size=4)
-    with pytest.raises(KeyError, match="unknown model"):
-        build_model({"name": "vgg_does_not_exist"})
+    with pytest.raises(ValueError, match="not an importable model class"):
+        build_model({"_target_": "pisa_bench.models.cifar.VGGDoesNotExist"})
 
 
 def test_vit_is_a_fresh_transformers_vit() -> None:
     from transformers import ViTForImageClassification
 
-    m = build_model({"name": "vit", "patch_size": 4, "hidden": 32, "depth": 2, "heads": 4,
-                     "mlp": 64}, in_channels=3, num_classes=10, image_size=32)
+    m = build_model({"_target_": "pisa_bench.models.vit.ViT", "patch_size": 4, "hidden": 32,
+                     "depth": 2, "heads": 4, "mlp": 64}, in_channels=3, num_classes=10,
+                    image_size=32)
     assert isinstance(m.net, ViTForImageClassification)
     assert m.config.image_size == 32 and m.config.patch_size == 4 and m.config.num_labels == 10
     assert m.net.vit.embeddings.position_embeddings.shape == (1, 64 + 1, 32)  # 8x8 patches + CLS

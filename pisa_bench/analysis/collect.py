@@ -144,31 +144,46 @@ def collect(roots: Iterable[str | os.PathLike]) -> tuple[pd.DataFrame, pd.DataFr
     return _arrow_safe(runs), _arrow_safe(curves_df)
 
 
-def run_family(recorded: Any, optim_name: Any) -> str | None:
+def run_family(recorded: Any, optim_cfg: Mapping[str, Any] | None) -> str | None:
     """One run's family: ``summary.json``'s ``family`` (``recorded``), checked against the class
-    of the config's optimizer (``optim.name`` through the registry and
+    of the run's optimizer config (``optim_cfg``: its ``_target_`` through
     :class:`pisa.ConsensusOptimizer`, as the trainer decides it today:
     :func:`pisa_bench.baselines.registry.family_of`). The class decides where the record is
     missing (summaries written before the field existed, runs that failed before building their
     optimizer) or disagrees (Muon / Shampoo Hybrids recorded ``consensus`` before the trainer
-    followed a Hybrid's main optimizer); the record stands for a name the registry does not
-    know; ``None`` when neither tells."""
+    followed a Hybrid's main optimizer); the record stands where no class is known; ``None``
+    when neither tells."""
     from pisa_bench.baselines.registry import FAMILIES, family_of
 
-    derived = family_of(str(optim_name)) if isinstance(optim_name, str) else None
+    derived = family_of(optim_cfg) if optim_cfg is not None else None
     if derived is not None:
         return derived
     return str(recorded) if recorded in FAMILIES else None
 
 
+def row_optim_config(target: Any, name: Any) -> dict[str, Any] | None:
+    """The optimizer config of a runs-table row: its ``optim._target_``, or for a run recorded
+    before configs named the class, the ``conf/optim/<name>.yaml`` its name stood for."""
+    from pisa_bench.config import optim_config
+
+    if isinstance(target, str) and target:
+        return {"name": name, "_target_": target}
+    try:
+        return optim_config(str(name)) if isinstance(name, str) else None
+    except ValueError:
+        return None
+
+
 def with_family(runs: pd.DataFrame) -> pd.DataFrame:
     """``runs`` with its ``family`` column settled by :func:`run_family` for every row (the
-    optimizer's registry name: ``optim.name``, else ``optim``), set in place and returned."""
+    optimizer's class: ``optim._target_``, else the config file of ``optim.name`` / ``optim``),
+    set in place and returned."""
     none = pd.Series(None, index=runs.index, dtype=object)
     recorded = runs.get("family", none)
     names = [n if isinstance(n, str) else o for n, o in
              zip(runs.get("optim.name", none), runs.get("optim", none))]
-    runs["family"] = pd.Series([run_family(r, n) for r, n in zip(recorded, names)],
+    cfgs = [row_optim_config(t, n) for t, n in zip(runs.get("optim._target_", none), names)]
+    runs["family"] = pd.Series([run_family(r, c) for r, c in zip(recorded, cfgs)],
                                index=runs.index)
     return runs
 

@@ -1,19 +1,17 @@
-"""Every competitor by name (torch.optim, pytorch-optimizer) and the PISA family, one registry."""
+"""Every competitor (torch.optim, pytorch-optimizer) and the PISA family, by ``optim._target_``."""
 
 from pisa_bench.baselines.registry import (
+    BASELINE,
     CONSENSUS,
     FAMILIES,
-    REGISTRY,
     Incompatible,
-    available,
     build_optimizer,
-    consensus_names,
     family_of,
     needs_create_graph,
     spec_of,
 )
 
 __all__ = [
-    "CONSENSUS", "FAMILIES", "REGISTRY", "Incompatible", "available", "build_optimizer",
-    "consensus_names", "family_of", "needs_create_graph", "spec_of",
+    "BASELINE", "CONSENSUS", "FAMILIES", "Incompatible", "build_optimizer", "family_of",
+    "needs_create_graph", "spec_of",
 ]

@@ -1,9 +1,15 @@
-"""Every optimizer by name: the PISA family and the maintained competitors.
+"""Every optimizer by class: the PISA family and the maintained competitors.
 
-An ``optim`` config is ``{name: <registry name>, <hyperparameter>: <value>, ...}``; every key but
-the reserved ones below is passed to the optimizer's constructor, so the config owns every
-hyperparameter. Reserved keys:
+An ``optim`` config is ``{name: <label>, _target_: <module.Class>, <hyperparameter>: <value>,
+...}`` (``conf/optim/<name>.yaml``); every key but the reserved ones below is passed to the
+class's constructor, so the config owns every hyperparameter. Reserved keys:
 
+- ``name``: the label that run directories, tables and figures use (``conf/optim/<name>.yaml``);
+- ``_target_``: the optimizer class (``torch.optim.AdamW``, ``pytorch_optimizer.AdaBelief``,
+  ``pisa.SISA``);
+- ``takes``: ``params`` (the default) or ``model`` (Adam-mini's constructor takes the module);
+- ``hybrid``: ``true`` for optimizers of hidden matrices only (Muon, NSISA): the rest of the
+  model goes to the companion;
 - ``routing``: for hybrid optimizers (Muon, NSISA), which parameters are *not* hidden matrices
   (``exclude``: name patterns; embeddings and vectors always go to the companion;
   ``require_2d``: only 2-D matrices are hidden, conv kernels go to the companion too);
@@ -16,6 +22,7 @@ Nothing is re-implemented here: torch.optim, the ``pytorch-optimizer`` package a
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +30,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-RESERVED = ("name", "routing", "companion")
+RESERVED = ("name", "_target_", "takes", "hybrid", "routing", "companion")
 CONSENSUS, BASELINE = "consensus", "baseline"  # summary.json's ``family``
 FAMILIES = (CONSENSUS, BASELINE)
+#: the companion of a hybrid optimizer whose config names none
+DEFAULT_COMPANION = {"name": "adamw", "_target_": "torch.optim.AdamW"}
+#: the packages optimizers come from, by top-level module (``Spec.source``)
+SOURCES = {"pisa": "pisa", "torch": "torch", "pytorch_optimizer": "pytorch-optimizer"}
 
 
 class Incompatible(ValueError):
@@ -34,16 +45,27 @@ class Incompatible(ValueError):
 
 @dataclass(frozen=True)
 class Spec:
-    """Where an optimizer lives and how it is built."""
+    """Where an optimizer lives and how it is built (read from its config by :func:`spec_of`)."""
 
-    target: str  # "module:Class"
+    target: str  # "module.Class"
     takes: str = "params"  # "params" or "model" (Adam-mini wants the module)
     hybrid: bool = False  # hidden matrices to it, the rest to a companion optimizer
-    source: str = "torch"
+
+    @property
+    def source(self) -> str:
+        top = self.target.split(".")[0]
+        return SOURCES.get(top, top)
 
     def cls(self) -> type[torch.optim.Optimizer]:
-        module, name = self.target.split(":")
-        return getattr(importlib.import_module(module), name)
+        module, _, name = self.target.rpartition(".")
+        try:
+            c = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            c = None
+        if not (isinstance(c, type) and issubclass(c, torch.optim.Optimizer)):
+            raise ValueError(f"optim._target_={self.target!r}: not an importable optimizer class "
+                             "(module.Class, e.g. torch.optim.AdamW)")
+        return c
 
     @property
     def consensus(self) -> bool:
@@ -54,63 +76,26 @@ class Spec:
         return is_consensus(self.cls())
 
 
-def _po(name: str, **kw: Any) -> Spec:
-    return Spec(f"pytorch_optimizer:{name}", source="pytorch-optimizer", **kw)
+def spec_of(cfg: Mapping[str, Any]) -> Spec:
+    """The class and build metadata of the optimizer config ``cfg`` (``_target_``, ``takes``,
+    ``hybrid``)."""
+    target, takes = cfg.get("_target_"), str(cfg.get("takes") or "params")
+    if not target:
+        raise ValueError(f"optimizer '{cfg.get('name')}': its config names no class (_target_)")
+    if takes not in ("params", "model"):
+        raise ValueError(f"optim.takes={takes!r}: params or model")
+    return Spec(str(target), takes, bool(cfg.get("hybrid", False)))
 
 
-REGISTRY: dict[str, Spec] = {
-    # ours
-    "pisa": Spec("pisa:PISA", source="pisa"),
-    "sisa": Spec("pisa:SISA", source="pisa"),
-    "nsisa": Spec("pisa:NSISA", hybrid=True, source="pisa"),
-    # torch.optim
-    "sgdm": Spec("torch.optim:SGD"),
-    "adam": Spec("torch.optim:Adam"),
-    "adamw": Spec("torch.optim:AdamW"),
-    "rmsprop": Spec("torch.optim:RMSprop"),
-    "muon": Spec("torch.optim:Muon", hybrid=True),
-    # pytorch-optimizer
-    "adan": _po("Adan"),
-    "adabelief": _po("AdaBelief"),
-    "adabound": _po("AdaBound"),
-    "yogi": _po("Yogi"),
-    "msvag": _po("MSVAG"),
-    "radam": _po("RAdam"),
-    "fromage": _po("Fromage"),
-    "adamp": _po("AdamP"),
-    "sgdp": _po("SGDP"),
-    "lion": _po("Lion"),
-    "diffgrad": _po("DiffGrad"),
-    "sgdsai": _po("SGDSaI"),
-    "soap": _po("SOAP"),
-    "shampoo": _po("Shampoo"),
-    "adammini": _po("AdamMini", takes="model"),
-}
-
-
-def available() -> list[str]:
-    return sorted(REGISTRY)
-
-
-def spec_of(name: str) -> Spec:
-    if name not in REGISTRY:
-        raise KeyError(f"unknown optimizer '{name}'; choose one of: {', '.join(available())}")
-    return REGISTRY[name]
-
-
-def consensus_names() -> list[str]:
-    """The registered PISA-family optimizers (for messages; ask :attr:`Spec.consensus`)."""
-    return [name for name in available() if REGISTRY[name].consensus]
-
-
-def family_of(name: str) -> str | None:
+def family_of(cfg: Mapping[str, Any]) -> str | None:
     """``consensus`` | ``baseline``: the family the trainer records in ``summary.json`` for a run
-    of the optimizer registered as ``name`` (:func:`pisa_bench.runtime.family`; with a companion
-    the run's :class:`pisa.Hybrid` counts by its main optimizer, this class), decided by
-    :attr:`Spec.consensus`; ``None`` for a name the registry does not know."""
-    if name not in REGISTRY:
+    of the optimizer config ``cfg`` (:func:`pisa_bench.runtime.family`; with a companion the
+    run's :class:`pisa.Hybrid` counts by its main optimizer, this class), decided by
+    :attr:`Spec.consensus`; ``None`` when ``cfg`` names no importable optimizer class."""
+    try:
+        return CONSENSUS if spec_of(cfg).consensus else BASELINE
+    except ValueError:
         return None
-    return CONSENSUS if REGISTRY[name].consensus else BASELINE
 
 
 def _kwargs(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -122,9 +107,7 @@ def _kwargs(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 def needs_create_graph(cfg: DictConfig | dict[str, Any]) -> bool:
     """Whether ``backward`` must build the graph of the gradient (``create_graph=True``) for this
     optimizer: PISA's Hutchinson preconditioner differentiates the gradient."""
-    return (
-        str(cfg.get("preconditioner", "")) == "hutchinson" and spec_of(str(cfg["name"])).consensus
-    )
+    return str(cfg.get("preconditioner", "")) == "hutchinson" and spec_of(cfg).consensus
 
 
 def _build_plain(
@@ -138,7 +121,8 @@ def _build_plain(
 def build_optimizer(
     model: nn.Module, cfg: DictConfig | dict[str, Any]
 ) -> torch.optim.Optimizer:
-    """Build the optimizer named ``cfg.name`` over ``model``'s trainable parameters.
+    """Build the optimizer ``cfg._target_`` (labelled ``cfg.name``) over ``model``'s trainable
+    parameters.
 
     Hybrid optimizers (Muon, NSISA), and any optimizer whose config has a ``companion``, get the
     hidden matrices; the embeddings, output head and vectors go to ``cfg.companion`` (AdamW by
@@ -146,7 +130,7 @@ def build_optimizer(
     whose 50k-row embedding no Kronecker preconditioner can hold).
     PISA-family optimizers detect torchrun themselves (one rank is one worker).
     """
-    spec = spec_of(str(cfg["name"]))
+    spec = spec_of(cfg)
     kw = _kwargs(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     if not (spec.hybrid or cfg.get("companion")):
@@ -160,8 +144,8 @@ def build_optimizer(
     require_2d = bool(routing.get("require_2d", False))
 
     def companion(rest: list[nn.Parameter]) -> torch.optim.Optimizer:
-        comp_cfg = cfg.get("companion") or {"name": "adamw"}
-        comp_spec = spec_of(str(comp_cfg["name"]))
+        comp_cfg = cfg.get("companion") or DEFAULT_COMPANION
+        comp_spec = spec_of(comp_cfg)
         if comp_spec.hybrid or comp_spec.takes == "model":
             raise ValueError(f"companion optimizer must be a plain one, not '{comp_cfg['name']}'")
         return _build_plain(comp_spec, model, rest, _kwargs(comp_cfg))

@@ -39,7 +39,7 @@ A PISA-family optimizer with a baseline method, or ``admm`` with another optimiz
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,7 +53,8 @@ from pisa_bench.baselines.federated import (
     build_algorithm,
     set_flat_params,
 )
-from pisa_bench.baselines.registry import consensus_names, needs_create_graph, spec_of
+from pisa_bench.baselines.registry import CONSENSUS, family_of, needs_create_graph
+from pisa_bench.config import group_options, optim_config
 from pisa_bench.data.partition import label_counts, parse_scheme, partition
 from pisa_bench.data.split import carve_validation
 from pisa_bench.models import build_model
@@ -66,11 +67,20 @@ __all__ = ["ADMMClients", "Federated", "resolve_method", "set_sigma_rho", "sigma
 BASELINES = tuple(ALGORITHMS)
 
 
-def resolve_method(method: str, optim: str) -> str:
-    """The method that runs for ``fl.method`` and ``optim.name`` (``auto`` resolved); raises
-    ``ValueError`` for a combination that has no meaning. The family is the optimizer class's
-    (:attr:`~pisa_bench.baselines.registry.Spec.consensus`)."""
-    pisa = spec_of(optim).consensus
+def consensus_names() -> list[str]:
+    """The PISA-family choices of ``optim=`` (for messages: told by their classes)."""
+    return [n for n in group_options("optim") if family_of(optim_config(n)) == CONSENSUS]
+
+
+def resolve_method(method: str, optim_cfg: Mapping[str, Any] | str) -> str:
+    """The method that runs for ``fl.method`` and the optimizer config ``optim_cfg`` (or the
+    name of a ``conf/optim`` file) with ``auto`` resolved; raises ``ValueError`` for a
+    combination that has no meaning. The family is the optimizer class's
+    (:func:`~pisa_bench.baselines.registry.family_of`)."""
+    if isinstance(optim_cfg, str):
+        optim_cfg = optim_config(optim_cfg)
+    optim = str(optim_cfg.get("name"))
+    pisa = family_of(optim_cfg) == CONSENSUS
     if method == "auto":
         return "admm" if pisa else "fedavg"
     if method == "admm":
@@ -443,7 +453,7 @@ class Federated(Task):
                              "run them without torchrun")
         tc = self.cfg.train
         optim_name = str(self.cfg.optim.name)
-        method = resolve_method(str(self.cfg.fl.method), optim_name)
+        method = resolve_method(str(self.cfg.fl.method), self.cfg.optim)
         detail = "ADMM clients" if method == "admm" else f"local optimizer {optim_name}"
         self.notes.append(f"federated method {method} ({detail})")
         model = self.build_model().to(self.device)
