@@ -19,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pisa_bench.config import group_options
+from pisa_bench.config import CONF_DIR, group_options, specialise_folders
 from pisa_bench.identity import identity_hash
 from pisa_bench.launch.plan import composer, plan
 
@@ -66,6 +67,30 @@ def test_identities_unchanged() -> None:
     missing = sorted(set(want) - set(got))
     assert not changed, f"{len(changed)} identities changed, e.g. {changed[:5]}"
     assert not missing, f"{len(missing)} combinations gone, e.g. {missing[:5]}"
+
+
+def _hubs() -> dict[str, dict]:
+    return {d.name: yaml.safe_load((d / "specialise.yaml").read_text())
+            for d in (CONF_DIR / "task").iterdir() if (d / "specialise.yaml").exists()}
+
+
+def test_every_task_folder_is_a_task_and_picked() -> None:
+    """conf/task/<task>/ belongs to task=<task>; each of its scale/ and optim/ files is an option
+    of that group and picked by some task's specialise.yaml, which names its own folder last (a
+    folder it shares comes first): no file is silently never read."""
+    tasks, hubs = set(group_options("task")), _hubs()
+    picked = {(f, kind) for hub in hubs.values() for kind in ("scale", "optim")
+              for f in specialise_folders(hub, kind)}
+    for d in (CONF_DIR / "task").iterdir():
+        if d.is_dir():
+            assert d.name in tasks, f"conf/task/{d.name}/ is no task's folder"
+            assert d.name in hubs, f"conf/task/{d.name}/specialise.yaml missing"
+    for kind in ("scale", "optim"):
+        for task, hub in hubs.items():
+            assert specialise_folders(hub, kind)[-1:] == [task], (task, kind)
+        for f in (CONF_DIR / "task").glob(f"*/{kind}/*.yaml"):
+            assert f.stem in group_options(kind), f"{f}: no {kind}={f.stem}"
+            assert (f.parent.parent.name, kind) in picked, f"{f}: no specialise.yaml picks it"
 
 
 if __name__ == "__main__":
