@@ -93,6 +93,27 @@ def test_every_task_folder_is_a_task_and_picked() -> None:
             assert (f.parent.parent.name, kind) in picked, f"{f}: no specialise.yaml picks it"
 
 
+def _keys(node: object, prefix: str = "") -> set[str]:
+    if not isinstance(node, dict):
+        return {prefix}
+    return {k for key, v in node.items() if key != "defaults" for k in _keys(v, f"{prefix}{key}.")}
+
+
+def test_own_optimizer_file_overrides_a_shared_one_whole() -> None:
+    """Where a task reads a related task's optim/ first (lstm1_ptb: lstm2_ptb's), its own file
+    for the same optimizer sets every key the shared one sets: an optimizer's settings are read
+    in one file, never half from another task's."""
+    for task, hub in _hubs().items():
+        folders = specialise_folders(hub, "optim")
+        for own in (CONF_DIR / "task" / task / "optim").glob("*.yaml"):
+            mine = _keys(yaml.safe_load(own.read_text()))
+            for shared in folders[:-1]:
+                other = CONF_DIR / "task" / shared / "optim" / own.name
+                if other.exists():
+                    left = _keys(yaml.safe_load(other.read_text())) - mine
+                    assert not left, f"{own} leaves {sorted(left)} to {other}"
+
+
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit(__doc__)
