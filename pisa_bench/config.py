@@ -31,6 +31,35 @@ def optim_config(name: str) -> dict[str, Any]:
     return cfg
 
 
+def task_settings(task: str, kind: str) -> list[str]:
+    """The ``kind`` (``scale`` | ``optim``) choices ``task`` has settings of its own for: the
+    files in the ``conf/task/<folder>/<kind>/`` folders that ``conf/task/<task>/specialise.yaml``
+    names (the task's own folder, and a related task's whose settings it shares)."""
+    import yaml
+
+    hub = CONF_DIR / "task" / task / "specialise.yaml"
+    if not hub.exists():
+        return []
+    out: set[str] = set()
+    for folder in specialise_folders(yaml.safe_load(hub.read_text()), kind):
+        out |= {p.stem for p in (CONF_DIR / "task" / folder / kind).glob("*.yaml")}
+    return sorted(out)
+
+
+def specialise_folders(hub: dict, kind: str) -> list[str]:
+    """The task folders (under ``conf/task/``) whose ``<kind>/`` a ``specialise.yaml`` (as
+    parsed YAML) picks from, in order: ``optional lstm2_ptb/optim@_global_: ${optim}`` ->
+    ``lstm2_ptb``."""
+    out = []
+    for entry in hub.get("defaults") or []:
+        for key in entry:
+            group = str(key).removeprefix("optional ").split("@")[0].strip()
+            folder, _, k = group.rpartition("/")
+            if k == kind:
+                out.append(folder)
+    return out
+
+
 def compose_config(overrides: Sequence[str] = (), with_hydra: bool = False) -> DictConfig:
     """The config ``python run.py <overrides>`` would run with."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

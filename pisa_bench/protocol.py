@@ -34,10 +34,10 @@ each arm:
    ``max_extend`` extra trials were spent on that side (then the arm is flagged: its tuned
    value is a bound, not an optimum). Extra trials are reported.
 4. **Seeds.** Seeds ``0..n-1`` at the chosen multiple (row "tuned") and at ``m = 1`` (row
-   "paper settings": the arm's configured values, i.e. ``conf/task_optim`` where the paper gave
-   them, else the optimizer's default, plus the arm's ``paper_overrides``: options that make a
-   run do what the official code did where it departs from the textbook round, so the row
-   shows the paper's method as run; trials and "tuned" never get them).
+   "paper settings": the arm's configured values, i.e. ``conf/task/<task>/optim/`` where the
+   paper gave them, else the optimizer's default, plus the arm's ``paper_overrides``: options
+   that make a run do what the official code did where it departs from the textbook round, so
+   the row shows the paper's method as run; trials and "tuned" never get them).
 
 The verdict itself (paired effect sizes, Holm, detectable effect) is
 :mod:`pisa_bench.analysis.verdict`.

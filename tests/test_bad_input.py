@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from pisa_bench.config import CONF_DIR, compose_config, group_options
+from pisa_bench.config import compose_config, group_options, task_settings
 from pisa_bench.data.images import load_images
 from pisa_bench.main import execute
 from pisa_bench.validate import ConfigError, validate
@@ -66,19 +66,18 @@ def test_bad_value_is_one_line_and_leaves_no_run_dir(
 
 
 def _every_shipped_config() -> list[list[str]]:
-    pairs = [p.stem for p in (CONF_DIR / "task_optim").glob("*.yaml")]
     tasks = group_options("task")
     out = [[f"optim={o}", "task=quickstart_mnist"] for o in group_options("optim")]
     out += [[f"task={t}", f"scale={s}"] for t in tasks for s in ("smoke", "paper")]
-    for stem in pairs:  # task_optim/<task>_<optim>.yaml
-        task = max((t for t in tasks if stem.startswith(t + "_")), key=len)
-        out.append([f"task={task}", f"optim={stem[len(task) + 1 :]}"])
+    for task in tasks:  # conf/task/<task>/optim/<optim>.yaml (or the folder it shares)
+        out += [[f"task={task}", f"optim={o}"] for o in task_settings(task, "optim")]
     out += [[f"experiment={e}"] for e in group_options("experiment")]
     return out
 
 
 def test_every_shipped_config_is_valid() -> None:
-    """No false refusal: every optimizer, task x scale, task_optim pair and experiment passes."""
+    """No false refusal: every optimizer, task x scale, task x optim pair with settings of its
+    own (conf/task/<task>/optim/) and experiment passes."""
     for overrides in _every_shipped_config():
         try:
             validate(compose_config(overrides))

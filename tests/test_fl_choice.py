@@ -18,7 +18,7 @@ def test_fl_alone_selects_its_optimizer(task: str, method: str) -> None:
     want = "sisa" if method == "admm" else "sgdm"
     assert cfg.fl.method == method and cfg.optim.name == want
     assert resolve_method(cfg.fl.method, cfg.optim.name) == method
-    if want == "sgdm":  # the task's tuned local SGD (task_optim/<task>_sgdm.yaml) came with it
+    if want == "sgdm":  # the task's tuned local SGD (task/<task>/optim/sgdm.yaml) came with it
         assert cfg.optim.lr == pytest.approx(0.01) and cfg.optim.momentum == pytest.approx(0.9)
     assert cfg.fl.local_epochs == 1  # the task's own fl settings stay
 

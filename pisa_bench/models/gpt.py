@@ -22,7 +22,7 @@ the AdamW companion of Muon/NSISA), ``transformer.h.*`` (hidden matrices). The a
 projections are ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (modded-nanogpt: ``c_q``/``c_k``/
 ``c_v``/``c_proj``) so that Adam-mini finds its per-head query/key blocks.
 
-The paper's sizes (``conf/task_scale/gpt2_paper.yaml``): 124M = 12 layers x 768 (6 heads),
+The paper's sizes (``conf/task/gpt2/scale/paper.yaml``): 124M = 12 layers x 768 (6 heads),
 350M = 24 x 1024 (16 heads), 1.5B = 48 x 1600 (25 heads). (The official medium/XL scripts train
 nanoGPT's original GPT-2 module; here every size uses the architecture above.)
 """

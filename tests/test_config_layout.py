@@ -1,0 +1,122 @@
+"""The config layout may move, run identities may not: every task x optimizer x scale, every
+federated task x method x scale and every planned point of every experiment (at every scale)
+composes to the identity hash recorded in ``tests/config_identities.json``.
+
+The golden file was written from the layout before the per-task folders (``conf/task_scale/``,
+``conf/task_optim/``); committed run tables (``results/*/runs.csv``, column ``identity``) and
+run directories depend on these hashes. Combinations added later (a new task, optimizer or
+sweep point) are not checked until the file is rewritten; rewrite it only for a change that is
+meant to change what runs compute::
+
+    python tests/test_config_layout.py --write
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pisa_bench.config import CONF_DIR, group_options, specialise_folders
+from pisa_bench.identity import identity_hash
+from pisa_bench.launch.plan import composer, plan
+
+GOLDEN = Path(__file__).resolve().parent / "config_identities.json"
+FL_TASKS = ("fl_adult", "fl_cifar10")
+
+
+def _hash(compose, overrides: list[str]) -> str:
+    try:
+        return identity_hash(compose(overrides))
+    except Exception as e:  # a combination that does not compose stays that way
+        return f"error: {type(e).__name__}"
+
+
+def identities() -> dict[str, str]:
+    """``"<overrides>" -> identity hash`` for every combination and planned point."""
+    out: dict[str, str] = {}
+    scales = group_options("scale")
+    with composer() as compose:
+        for task in group_options("task"):
+            for scale in scales:
+                for optim in group_options("optim"):
+                    ovr = [f"task={task}", f"optim={optim}", f"scale={scale}"]
+                    out[" ".join(ovr)] = _hash(compose, ovr)
+                if task in FL_TASKS:
+                    for method in group_options("fl"):
+                        ovr = [f"task={task}", f"fl={method}", f"scale={scale}"]
+                        out[" ".join(ovr)] = _hash(compose, ovr)
+    with tempfile.TemporaryDirectory() as tmp:
+        for experiment in group_options("experiment"):
+            for scale in scales:
+                for p in plan(experiment, scale, out_dir=tmp).points:
+                    ovr = [o for o in p.overrides if not o.startswith("paths.out_dir=")]
+                    out[" ".join(ovr)] = identity_hash(p.cfg)
+    return out
+
+
+@pytest.mark.slow
+def test_identities_unchanged() -> None:
+    want = json.loads(GOLDEN.read_text())
+    got = identities()
+    changed = sorted(k for k in want if k in got and got[k] != want[k])
+    missing = sorted(set(want) - set(got))
+    assert not changed, f"{len(changed)} identities changed, e.g. {changed[:5]}"
+    assert not missing, f"{len(missing)} combinations gone, e.g. {missing[:5]}"
+
+
+def _hubs() -> dict[str, dict]:
+    return {d.name: yaml.safe_load((d / "specialise.yaml").read_text())
+            for d in (CONF_DIR / "task").iterdir() if (d / "specialise.yaml").exists()}
+
+
+def test_every_task_folder_is_a_task_and_picked() -> None:
+    """conf/task/<task>/ belongs to task=<task>; each of its scale/ and optim/ files is an option
+    of that group and picked by some task's specialise.yaml, which names its own folder last (a
+    folder it shares comes first): no file is silently never read."""
+    tasks, hubs = set(group_options("task")), _hubs()
+    picked = {(f, kind) for hub in hubs.values() for kind in ("scale", "optim")
+              for f in specialise_folders(hub, kind)}
+    for d in (CONF_DIR / "task").iterdir():
+        if d.is_dir():
+            assert d.name in tasks, f"conf/task/{d.name}/ is no task's folder"
+            assert d.name in hubs, f"conf/task/{d.name}/specialise.yaml missing"
+    for kind in ("scale", "optim"):
+        for task, hub in hubs.items():
+            assert specialise_folders(hub, kind)[-1:] == [task], (task, kind)
+        for f in (CONF_DIR / "task").glob(f"*/{kind}/*.yaml"):
+            assert f.stem in group_options(kind), f"{f}: no {kind}={f.stem}"
+            assert (f.parent.parent.name, kind) in picked, f"{f}: no specialise.yaml picks it"
+
+
+def _keys(node: object, prefix: str = "") -> set[str]:
+    if not isinstance(node, dict):
+        return {prefix}
+    return {k for key, v in node.items() if key != "defaults" for k in _keys(v, f"{prefix}{key}.")}
+
+
+def test_own_optimizer_file_overrides_a_shared_one_whole() -> None:
+    """Where a task reads a related task's optim/ first (lstm1_ptb: lstm2_ptb's), its own file
+    for the same optimizer sets every key the shared one sets: an optimizer's settings are read
+    in one file, never half from another task's."""
+    for task, hub in _hubs().items():
+        folders = specialise_folders(hub, "optim")
+        for own in (CONF_DIR / "task" / task / "optim").glob("*.yaml"):
+            mine = _keys(yaml.safe_load(own.read_text()))
+            for shared in folders[:-1]:
+                other = CONF_DIR / "task" / shared / "optim" / own.name
+                if other.exists():
+                    left = _keys(yaml.safe_load(other.read_text())) - mine
+                    assert not left, f"{own} leaves {sorted(left)} to {other}"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit(__doc__)
+    ids = identities()
+    GOLDEN.write_text(json.dumps(ids, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(ids)} identities to {GOLDEN}")
