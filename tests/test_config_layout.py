@@ -69,6 +69,21 @@ def test_identities_unchanged() -> None:
     assert not missing, f"{len(missing)} combinations gone, e.g. {missing[:5]}"
 
 
+def test_a_known_target_hashes_as_its_registry_name_and_no_other() -> None:
+    """The rule of identity.py's LEGACY_TARGETS (the registries became ``_target_``), one case
+    each: a known class under its old name hashes as that name, any other spelling as it is."""
+    h = identity_hash
+    model = {"_target_": "pisa_bench.models.cifar.DenseNet", "growth": 8}
+    assert h({"task": {"model": model}}) == h({"task": {"model": {"name": "densenet_cifar",
+                                                                   "growth": 8}}})
+    muon = {"name": "muon", "_target_": "torch.optim.Muon", "hybrid": True}
+    assert h({"optim": muon}) == h({"optim": {"name": "muon"}})
+    assert h({"optim": {**muon, "hybrid": False}}) != h({"optim": {"name": "muon"}})
+    assert h({"optim": {"name": "mine", "_target_": "torch.optim.AdamW"}}) != h(
+        {"optim": {"name": "mine"}})  # a known class under another label keeps its _target_
+    assert h({"task": {"model": {"_target_": "my.Net"}}}) != h({"task": {"model": {}}})
+
+
 def _hubs() -> dict[str, dict]:
     return {d.name: yaml.safe_load((d / "specialise.yaml").read_text())
             for d in (CONF_DIR / "task").iterdir() if (d / "specialise.yaml").exists()}
