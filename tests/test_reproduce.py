@@ -22,7 +22,7 @@ from pisa_bench.launch.launchers import launch_local
 from pisa_bench.launch.ledger import claim
 from pisa_bench.launch.plan import expand, plan
 from pisa_bench.launch.reproduce import main as reproduce
-from pisa_bench.launch.reproduce import relabel, tuning_table
+from pisa_bench.launch.reproduce import relabel
 from pisa_bench.record import run_dir_for
 from pisa_bench.rundir import atomic_write_json, read_json
 
@@ -175,21 +175,6 @@ def test_tune_grid_is_equal_budget(tmp_path: Path) -> None:
                 assert 1 / pt.cfg.optim.lr - pt.cfg.optim.sigma == pytest.approx(
                     (1 / default.lr - default.sigma) / m, rel=1e-4)
     assert len({pt.run_dir for pt in proto.points()}) == 20
-
-
-def test_tuning_table_picks_best_multiple() -> None:
-    rows = []
-    for optim, scores in (("adamw", {0.1: 90, 1.0: 95, 10.0: 20}), ("sisa", {0.1: 97, 1.0: 96})):
-        for m, v in scores.items():
-            rows.append({"task": "t", "scale": "small", "optim": optim, "lr_mult": m,
-                         "status": "ok", "final_metric": v, "metric": "accuracy",
-                         "lower_is_better": False, "optim.lr": 1e-3 * m, "run_dir": f"{optim}{m}"})
-    rows.append({**rows[0], "status": "diverged", "final_metric": None, "run_dir": "x"})
-    text, best = tuning_table(pd.DataFrame(rows))
-    assert sorted(best["run_dir"]) == ["adamw1.0", "sisa0.1"]
-    assert "| adamw | 0.001 | 90 (1/2) | **95 (1/1)** | 20 (1/1) | x1 |" in text
-    low = pd.DataFrame(rows).assign(lower_is_better=True)
-    assert sorted(tuning_table(low)[1]["run_dir"]) == ["adamw10.0", "sisa1.0"]
 
 
 GROUPS = ("task", "optim", "scale", "fl")

@@ -12,7 +12,6 @@ a plain cartesian product cannot say (read by :func:`plan`, ignored by run.py)::
         - {}                                   #   laid over hydra.sweeper.params ({}: as is)
         - {task: gpt2_finetune, optim: "nsisa,adamw"}
       scale_sweeps: {paper: [...]}             # blocks used instead of `sweeps` at that scale
-      lr_multipliers: [0.1, 0.316, 1, 3.16, 10]  # equal-budget lr grid (see expand_lr_grid)
       split_task_by: {layers: task.model.num_layers}  # variants of one task: own table rows
       split_optim_by: {method: fl.method}             # variants of one optimizer: own rows
 
@@ -51,7 +50,7 @@ class Point:
     cfg: DictConfig
     run_dir: Path
     status: str | None = None  # summary.json status before launching (None: never started)
-    tags: dict[str, Any] = field(default_factory=dict)  # e.g. {"lr_mult": 0.1}
+    tags: dict[str, Any] = field(default_factory=dict)  # the protocol's, e.g. {"lr_mult": 0.1}
 
     @property
     def label(self) -> str:
@@ -184,30 +183,6 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None)
 
 
-def expand_lr_grid(
-    point: list[str], cfg: DictConfig, multipliers: Sequence[float]
-) -> list[tuple[list[str], dict[str, Any]]]:
-    """An equal-budget learning-rate grid: the same multiples of *each optimizer's own default*
-    lr (``optim.lr``, and ``optim.companion.lr`` for hybrid optimizers, scaled together), so
-    every optimizer gets the same number of trials around the value its config recommends.
-    PISA-family optimizers (lr = 1/(sigma + rho)) get ``sigma / m`` with ``lr * m``: sigma and rho
-    both scale by 1/m, the ratio kept, exactly as an lr schedule acts on them."""
-    base = _get(cfg, "optim.lr")
-    if base is None:
-        raise ValueError(f"optimizer {cfg.optim.name} has no optim.lr to scale")
-    comp = _get(cfg, "optim.companion.lr")
-    sigma = _get(cfg, "optim.sigma")  # PISA family: scale sigma by 1/m too (sigma/rho kept)
-    out = []
-    for m in multipliers:
-        ovr = [*point, f"optim.lr={float(base) * float(m):.6g}"]
-        if comp is not None:
-            ovr.append(f"optim.companion.lr={float(comp) * float(m):.6g}")
-        if sigma is not None:
-            ovr.append(f"optim.sigma={float(sigma) / float(m):.6g}")
-        out.append((ovr, {"lr_mult": float(m)}))
-    return out
-
-
 def plan(
     experiment: str,
     scale: str | None = None,
@@ -242,19 +217,15 @@ def plan(
         meta_node = head.get("reproduce")
         meta = OmegaConf.to_container(meta_node, resolve=True) if meta_node is not None else {}
         assert isinstance(meta, dict)
-        mults = meta.get("lr_multipliers")
         for block in _blocks(meta, str(head.scale)):
             block_params = {**params, **{str(k): v for k, v in dict(block).items()}}
             for ovr in expand(block_params, args):
                 cfg = compose(ovr)
-                variants = expand_lr_grid(ovr, cfg, mults) if mults else [(ovr, {})]
-                for vo, tags in variants:
-                    vcfg = compose(vo) if mults else cfg
-                    rd = run_dir_for(vcfg)
-                    if rd in seen:  # the same run reached from two blocks
-                        continue
-                    seen.add(rd)
-                    points.append(Point(vo, vcfg, rd, run_status(rd), tags))
+                rd = run_dir_for(cfg)
+                if rd in seen:  # the same run reached from two blocks
+                    continue
+                seen.add(rd)
+                points.append(Point(ovr, cfg, rd, run_status(rd)))
     p = Plan(experiment=experiment, name=str(head.name), scale=str(head.scale),
              out_dir=Path(str(head.paths.out_dir)).resolve(), base_overrides=base,
              task_overrides=args,

@@ -78,51 +78,6 @@ def relabel(runs: pd.DataFrame, curves: pd.DataFrame | None, meta: dict[str, Any
             curves[col] = mapped.where(mapped.notna(), curves[col])
 
 
-def _mult_label(m: float) -> str:
-    return f"x{m:g}"
-
-
-def tuning_table(runs: pd.DataFrame) -> tuple[str, pd.DataFrame]:
-    """Markdown table metric x lr multiple per (task, optim) and the runs at each optimizer's
-    best multiple (best mean final metric over ok seeds, respecting lower_is_better)."""
-    df = runs.copy()
-    df["final_metric"] = pd.to_numeric(df["final_metric"], errors="coerce")
-    mults = sorted(df["lr_mult"].dropna().unique())
-    lines, keep = [], []
-    for (task, scale), g in df.groupby(["task", "scale"], sort=True):
-        lower = str(g["lower_is_better"].dropna().iloc[0]).lower() in ("true", "1") \
-            if g["lower_is_better"].notna().any() else False
-        metric = g["metric"].dropna().iloc[0] if g["metric"].notna().any() else "metric"
-        lines += [f"### {task} ({scale}): final {metric}, mean over ok seeds (ok/n) "
-                  f"{'lower' if lower else 'higher'} is better", "",
-                  "| optimizer | default lr | " + " | ".join(map(_mult_label, mults))
-                  + " | best |",
-                  "|---|---|" + "---|" * len(mults) + "---|"]
-        for optim, go in g.groupby("optim", sort=True):
-            means: dict[float, float] = {}
-            cells = []
-            for m in mults:
-                gm = go[go["lr_mult"] == m]
-                ok = gm[gm["status"] == "ok"]["final_metric"].dropna()
-                if len(ok):
-                    means[m] = float(ok.mean())
-                cells.append(f"{ok.mean():.4g} ({len(ok)}/{len(gm)})" if len(ok)
-                             else f"- (0/{len(gm)})")
-            best = (min if lower else max)(means, key=means.__getitem__) if means else None
-            if best is not None:
-                cells[mults.index(best)] = f"**{cells[mults.index(best)]}**"
-                keep.append(go[go["lr_mult"] == best])
-            lr = pd.to_numeric(go.get("optim.lr"), errors="coerce") / go["lr_mult"]
-            default = f"{lr.dropna().iloc[0]:.3g}" if lr.notna().any() else "?"
-            lines.append(f"| {optim} | {default} | " + " | ".join(cells)
-                         + f" | {_mult_label(best) if best is not None else '-'} |")
-        lines.append("")
-    lines.append("Best multiple chosen on the same split the table reports (a tuned comparison). "
-                 "Equal budget: every optimizer has the same number of trials.")
-    best_runs = pd.concat(keep) if keep else df.iloc[0:0]
-    return "\n".join(lines) + "\n", best_runs
-
-
 def render_plan(p: Plan, results_dir: str | os.PathLike, artefact: str) -> tuple[Path, str]:
     """Collect the plan's run directories and render them; returns (report dir, table text)."""
     from pisa_bench.analysis.collect import collect
@@ -136,22 +91,9 @@ def render_plan(p: Plan, results_dir: str | os.PathLike, artefact: str) -> tuple
     runs, curves = collect(dirs)
     title = str(p.meta.get("title") or artefact)
     relabel(runs, curves, p.meta)
-    text = ""
-    if p.meta.get("lr_multipliers"):
-        tags = {str(pt.run_dir.resolve()): pt.tags.get("lr_mult") for pt in p.points}
-        runs["lr_mult"] = runs["run_dir"].map(lambda d: tags.get(str(Path(d).resolve())))
-        grid, best = tuning_table(runs)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tuning.md").write_text(f"# {title}\n\n{grid}")
-        text += f"{grid}\n"
-        keep = set(best["run_dir"].astype(str))
-        runs = best
-        if curves is not None:
-            curves = curves[curves["run_dir"].astype(str).isin(keep)]
-        title += " (each optimizer at its best lr multiple)"
     done = render(runs, curves, out, title)
-    text += (out / "table.md").read_text()
-    files = "\n".join(f"  {f}" for f in sorted({*done.files, *out.glob('tuning.md')}))
+    text = (out / "table.md").read_text()
+    files = "\n".join(f"  {f}" for f in sorted(done.files))
     notes = "".join(f"note: {n}\n" for n in done.notes)
     return out, f"{text}\n{notes}wrote {out}/:\n{files}\n"
 
