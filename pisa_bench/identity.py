@@ -45,7 +45,7 @@ def _legacy(name: str, **implied: Any) -> tuple[str, dict[str, Any]]:
 
 #: ``_target_`` -> (the registry name it was spelled by, the metadata keys that name implied)
 LEGACY_TARGETS: dict[str, tuple[str, dict[str, Any]]] = {
-    # task.model (pisa_bench.models.MODELS)
+    # task.model (the former registry pisa_bench.models.MODELS)
     "pisa_bench.models.small.SmallCNN": _legacy("small_cnn"),
     "pisa_bench.models.small.MLP": _legacy("mlp"),
     "pisa_bench.models.cifar.VGG": _legacy("vgg_cifar"),
@@ -53,7 +53,7 @@ LEGACY_TARGETS: dict[str, tuple[str, dict[str, Any]]] = {
     "pisa_bench.models.cifar.DenseNet": _legacy("densenet_cifar"),
     "pisa_bench.models.vit.ViT": _legacy("vit"),
     "pisa_bench.tasks.imagenet.resnet18": _legacy("resnet18_torchvision"),
-    # optim (pisa_bench.baselines.registry.REGISTRY; also an optim's companion)
+    # optim (the former registry pisa_bench.baselines.registry.REGISTRY; also a companion)
     "pisa.PISA": _legacy("pisa"),
     "pisa.SISA": _legacy("sisa"),
     "pisa.NSISA": _legacy("nsisa", hybrid=True),
