@@ -219,8 +219,10 @@ def test_registry_builds_hybrids_with_pisa_hybrid(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(pisa, "hybrid", counted)
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3))
-    cfg = {"name": "muon", "lr": 0.02, "routing": {"exclude": ["3."], "require_2d": True},
-           "companion": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.95]}}
+    cfg = {"name": "muon", "_target_": "torch.optim.Muon", "hybrid": True, "lr": 0.02,
+           "routing": {"exclude": ["3."], "require_2d": True},
+           "companion": {"name": "adamw", "_target_": "torch.optim.AdamW", "lr": 1e-3,
+                         "betas": [0.9, 0.95]}}
     opt = build_optimizer(model, cfg)
     assert calls == ["hybrid"]
     ref = real(model, lambda ps: torch.optim.Muon(ps, lr=0.02), exclude=("3.",),
@@ -232,14 +234,17 @@ def test_registry_builds_hybrids_with_pisa_hybrid(monkeypatch: pytest.MonkeyPatc
     assert isinstance(opt.main, torch.optim.Muon) and isinstance(opt.companion, torch.optim.AdamW)
     assert opt.companion.param_groups[0]["betas"] == (0.9, 0.95)
 
-    hidden_only = build_optimizer(nn.Linear(4, 4, bias=False), {"name": "nsisa", "lr": 0.01})
+    hidden_only = build_optimizer(nn.Linear(4, 4, bias=False),
+                                  {"name": "nsisa", "_target_": "pisa.NSISA", "hybrid": True,
+                                   "lr": 0.01})
     assert isinstance(hidden_only.main, pisa.NSISA) and hidden_only.companion is None
     refused = r"none left after routing \(exclude=\['1\.', '2\.', '3\.'\], require_2d=True\)"
     with pytest.raises(Incompatible, match=refused):
         build_optimizer(model, {**cfg, "routing": {"exclude": ["1.", "2.", "3."],
                                                    "require_2d": True}})
     with pytest.raises(ValueError, match="companion optimizer must be a plain one, not 'muon'"):
-        build_optimizer(model, {**cfg, "companion": {"name": "muon"}})
+        build_optimizer(model, {**cfg, "companion": {"name": "muon", "_target_": "torch.optim.Muon",
+                                                     "hybrid": True}})
     assert len(calls) == 4
 
 
