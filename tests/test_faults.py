@@ -237,14 +237,15 @@ def test_reused_run_dir_with_another_config_is_refused(tmp_path: Path) -> None:
 
 
 def test_signal_stops_a_local_sweep_and_the_same_command_resumes(tmp_path: Path) -> None:
-    sweep = ["-m", "optim=sisa,adamw", "train.max_steps=400", "train.eval_every=0"]
+    # 2,000 steps: on a quiet machine 400 ended before a signal sent 1 s after training began
+    sweep = ["-m", "optim=sisa,adamw", "train.max_steps=2000", "train.eval_every=0"]
     p = run(tmp_path, *sweep, wait=False)
-    for _ in range(600):  # until the first job is training
+    for _ in range(1200):  # until the first job is training (its signal handlers are set)
         if list(tmp_path.glob("runs/**/sisa/*/ckpt")) or list(tmp_path.glob(
                 "runs/**/sisa/*/metrics.csv")):
             break
         time.sleep(0.05)
-    time.sleep(1.0)
+    time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 3, err[-2000:]
