@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pisa_bench.baselines.registry import BASELINE, CONSENSUS
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -129,7 +131,7 @@ def family(opt: torch.optim.Optimizer) -> str:
     rounds and communication), else ``baseline``: the ``family`` of ``summary.json``."""
     from pisa import is_consensus
 
-    return "consensus" if is_consensus(getattr(opt, "main", opt)) else "baseline"
+    return CONSENSUS if is_consensus(getattr(opt, "main", opt)) else BASELINE
 
 
 def ns_dtypes(opt: torch.optim.Optimizer) -> str | None:

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from pisa_bench.analysis.stats import mean_ci, median_reached, paired_test
+from pisa_bench.baselines.registry import CONSENSUS
 
-CONSENSUS = "consensus"  # ``family`` of a PISA-family run (pisa_bench.baselines.registry's)
 TASK_KEYS = ["task", "scale"]
 GROUP_KEYS = [*TASK_KEYS, "optim"]
 QUALITY_STATUSES = ("ok",)

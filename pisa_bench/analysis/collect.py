@@ -180,11 +180,13 @@ def with_family(runs: pd.DataFrame) -> pd.DataFrame:
     set in place and returned."""
     none = pd.Series(None, index=runs.index, dtype=object)
     recorded = runs.get("family", none)
-    names = [n if isinstance(n, str) else o for n, o in
+    names = [n if isinstance(n, str) else o if isinstance(o, str) else None for n, o in
              zip(runs.get("optim.name", none), runs.get("optim", none))]
-    cfgs = [row_optim_config(t, n) for t, n in zip(runs.get("optim._target_", none), names)]
-    runs["family"] = pd.Series([run_family(r, c) for r, c in zip(recorded, cfgs)],
-                               index=runs.index)
+    targets = [t if isinstance(t, str) else None for t in runs.get("optim._target_", none)]
+    # one class lookup (and config file read) per distinct optimizer, not per run
+    cfgs = {key: row_optim_config(*key) for key in set(zip(targets, names))}
+    runs["family"] = pd.Series([run_family(r, cfgs[key]) for r, key in
+                                zip(recorded, zip(targets, names))], index=runs.index)
     return runs
 
 
