@@ -114,10 +114,16 @@ def _attempts(out: Path) -> list:
 
 def test_kill_at_random_moments_then_resume_matches(tmp_path: Path, reference) -> None:
     """Two SIGKILLs at random moments of one run (after a random number of logged rows, so rows
-    after the last checkpoint are on disk), then resume to the end."""
+    after the last checkpoint are on disk), then resume to the end. The first kill lands
+    anywhere; the second after the first checkpoint (a row of a later step is on disk), so that
+    the last attempt must resume from a checkpoint rather than start again."""
     rng = random.Random(int(os.environ.get("PISA_FAULT_SEED", "0")))
     n = len(reference[0])
-    for attempt, target in enumerate(sorted(rng.sample(range(2, n - 1), 2)), start=1):
+    eval_every = int(next(a for a in ARGS if a.startswith("train.eval_every=")).split("=")[1])
+    checkpointed = sum(1 for r in reference[0] if r[0] <= eval_every)  # rows up to the 1st one
+    first = rng.randrange(2, n - 2)
+    second = rng.randrange(max(first, checkpointed) + 1, n - 1)
+    for attempt, target in enumerate((first, second), start=1):
         p = run(tmp_path, wait=False)
         while p.poll() is None:
             # this attempt's own rows: once it is recorded (the rows the killed one left on
