@@ -286,6 +286,10 @@ class PISA(Optimizer):
             with ``lambda << sigma_t`` the global L2 has almost no effect. No effect when
             ``lambda = 0``. Not with ``scaled_dual``; runs on the foreach path.
         track_residuals: compute the primal residual and dual norm each round (:meth:`telemetry`).
+            In virtual mode the dual norm is computed when :meth:`telemetry` is read, not in the
+            step (it needs one more read of the duals, a quarter of a compiled SISA step): a
+            round's value is there until the next round starts (read mid-round, in between
+            the workers' steps, a round whose dual norm was never read gives NaN).
         maximize: maximise the objective (the gradient's sign is flipped), as in ``torch.optim``.
         foreach: ``None`` / ``True``: multi-tensor (``torch._foreach_*``) kernels over the whole
             group; ``False``: one tensor at a time (lower peak memory; same result).
@@ -479,6 +483,10 @@ class PISA(Optimizer):
         self.track_residuals = track_residuals
         self._tel_partial: list[Tensor] | None = None
         self._tel_last: dict[str, Tensor | float] = {}
+        #: virtual mode: (alpha_i, i, the parameters worker i stepped) of the current round, and
+        #: of the last completed round until its dual norm is read (:meth:`_dual_norm_now`)
+        self._round_duals: list[tuple[float, int, list[Tensor]]] = []
+        self._dual_pending: list[tuple[float, int, list[Tensor]]] | None = None
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ subclass hooks
@@ -671,7 +679,9 @@ class PISA(Optimizer):
         """Values of the last completed round: ``primal_residual``
         ``= sqrt(sum_i alpha_i ||w_i - w||^2)``, ``dual_norm = sqrt(sum_i alpha_i ||pi_i||^2)``
         (over the parameters the workers stepped; NaN when ``track_residuals=False``), and
-        ``sigma`` / ``rho`` of the first group. Calling it synchronises the device."""
+        ``sigma`` / ``rho`` of the first group. Calling it synchronises the device; in virtual
+        mode the first call after a round reads the duals for ``dual_norm``."""
+        self._dual_norm_now()
         out: dict[str, float] = {}
         for key in ("primal_residual", "dual_norm"):
             val = self._tel_last.get(key)
@@ -684,6 +694,20 @@ class PISA(Optimizer):
             sigma, rho = self.current_sigma_rho()
         out["sigma"], out["rho"] = float(sigma), float(rho)
         return out
+
+    def _dual_norm_now(self) -> None:
+        """Virtual mode: ``sqrt(sum_i alpha_i ||pi_i||^2)`` of the last completed round, over the
+        parameters each worker stepped, from the duals as they are: no step has touched them
+        since the round closed (the next round's first step drops the pending round)."""
+        pending, self._dual_pending = self._dual_pending, None
+        if pending is None:
+            return
+        device = pending[0][2][0].device if pending else self._first_device()
+        total = torch.zeros((), device=device)
+        for alpha, local, params in pending:
+            duals = [self.state[p]["dual"][local] for p in params]
+            total += alpha * _sum_sq_norms(duals, device)
+        self._tel_last["dual_norm"] = total.sqrt()
 
     # ------------------------------------------------------------------ state
     def _worker_state_keys(self) -> tuple[str, ...]:
@@ -723,6 +747,8 @@ class PISA(Optimizer):
         the key ``"pisa"``, the round position, worker weights, telemetry, the workers' first
         gradient norms (``first_grad_norm``) and the preconditioner's own state: loading it
         resumes bit for bit, also inside a round."""
+        if self._round_done:
+            self._dual_norm_now()
         sd = super().state_dict()
         partial = self._tel_partial
         sd[_EXTRA_KEY] = {
@@ -782,6 +808,7 @@ class PISA(Optimizer):
             k: (v.to(device) if isinstance(v, Tensor) else v)
             for k, v in extra["telemetry_last"].items()
         }
+        self._round_duals, self._dual_pending = [], None
         self.preconditioner.load_state_dict(extra["preconditioner"])
         norms = extra.get("first_grad_norms")  # absent before first_grad_norm existed
         self._first_norms = (
@@ -826,9 +853,10 @@ class PISA(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for key, value in (("_bucket_mb", 25.0), ("_comm_dtype", None), ("_buckets", None),
-                           ("_consensus_dtype", None)):
+                           ("_consensus_dtype", None), ("_dual_pending", None)):
             self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_first_norms", [None] * self.__dict__.get("_n_local", 1))
+        self.__dict__.setdefault("_round_duals", [])
 
     def _first_device(self) -> torch.device:
         for group in self.param_groups:
@@ -932,6 +960,10 @@ class PISA(Optimizer):
         device = trainable[0].device
         if first or self._tel_partial is None:
             self._tel_partial = [torch.zeros((), device=device) for _ in range(2)]
+        if first and not self._distributed:  # an unread round's dual norm stays NaN
+            self._round_duals, self._dual_pending = [], None
+        if self.track_residuals and not self._distributed and stepped_all:
+            self._round_duals.append((alpha, local, stepped_all))
         buckets: pdist.FlatBuckets | None = None
         target_of: dict[int, Tensor] = {}
         if self._distributed:
@@ -1330,7 +1362,8 @@ class PISA(Optimizer):
         if self.track_residuals and self._tel_partial is not None:
             device = self._tel_partial[0].device
             self._tel_partial[0] += (alpha * (lr / k) ** 2) * _sum_sq_norms(e, device)
-            self._tel_partial[1] += alpha * _sum_sq_norms(pi, device)
+            if self._distributed:  # virtual mode: when read (_dual_norm_now)
+                self._tel_partial[1] += alpha * _sum_sq_norms(pi, device)
 
     def _fused_update(
         self,
@@ -1390,7 +1423,7 @@ class PISA(Optimizer):
             self._admm_update(group, sub_p, s, sub_w, sub_t, worker, None, precond)
             skip = set(rest)  # their telemetry is in _admm_update's
             pi_all = [pi for j, pi in enumerate(pi_all) if j not in skip]
-        if track and self._tel_partial is not None:
+        if track and self._distributed and self._tel_partial is not None:
             self._tel_partial[1] += alpha * _sum_sq_norms(pi_all, self._tel_partial[1].device)
 
     def _finish_round(
@@ -1418,6 +1451,10 @@ class PISA(Optimizer):
                 "sigma": sigma,
                 "rho": rho,
             }
+            if not self._distributed:
+                self._tel_last["dual_norm"] = math.nan
+                self._dual_pending = self._round_duals if self.track_residuals else None
+                self._round_duals = []
         self._tel_partial = None
         self._round += 1
         self._worker = 0

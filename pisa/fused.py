@@ -12,7 +12,7 @@ foreach path's ~10 passes over parameter-sized temporaries. With the foreach pat
     e   = s / Q + kdk * w                          (holds k * e; identity: e = s + kdk * w)
     tgt = (tgt + a_pi * pi) + a_e * e              (tgt = w in place when m = 1)
     pi  = pi + a_dual * e
-    tel += t_e * sum(e^2)                          (telemetry; sum(pi^2) by the caller)
+    tel += t_e * sum(e^2)                          (telemetry; sum(pi^2): see PISA.telemetry)
 
 Arithmetic runs in the parameter dtype (``float32`` / ``float64``; ``bfloat16`` / ``float16`` in
 ``float32`` with one rounding per stored value, where the foreach path rounds every
@@ -84,8 +84,9 @@ def _update(
     pi.copy_(new_pi)
     if tel is not None:
         # only sum(e^2) here: a sum that loads the dual (the buffer written) makes inductor stage
-        # the whole new dual in a temporary, so the caller takes the dual's norm in a separate
-        # read; float64 avoids inductor's slow cascade summation of float32
+        # the whole new dual in a temporary, so the dual's norm is a separate read (in virtual
+        # mode only when the telemetry is read); float64 avoids inductor's slow cascade
+        # summation of float32
         e64 = e.to(torch.float64)
         tel.add_(((e64 * e64).sum() * hp[T_E]).to(tel.dtype))
 

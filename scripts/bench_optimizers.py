@@ -36,6 +36,10 @@ so that machine noise hits all of them alike; the median over ``--steps`` cycles
 for the ``*_fused`` rows includes compiling its kernels (inductor caches them on disk, so a second
 run of the script compiles less); it is not part of the medians. ``state_bytes`` counts distinct
 tensors in ``optimizer.state_dict()``; ``state_copies = state_bytes / parameter bytes``.
+``telemetry_ms`` (PISA family) is the median time of ``opt.telemetry()`` read right after a step,
+outside the step's timing: in virtual mode the dual norm is computed there, from the duals, and
+not in the step (the trainer reads it every ``train.log_every`` rounds, 10 by default, so a
+training step costs ``step + telemetry / log_every`` on average).
 
 Usage::
 
@@ -221,6 +225,7 @@ def bench_shape_set(
     wall: dict[str, list[float]] = {name: [] for name in opts}
     first: dict[str, float] = {}
     cpu: dict[str, list[float]] = {name: [] for name in opts}
+    tel: dict[str, list[float]] = {name: [] for name in opts}
     rng = random.Random(seed)
     order = list(opts)
     cycles = warmup + max(steps[name] for name in opts)
@@ -240,6 +245,13 @@ def bench_shape_set(
             if cycle >= warmup:
                 wall[name].append(t1 - t0)
                 cpu[name].append(c1 - c0)
+                read = getattr(opt, "telemetry", None)
+                if read is not None:
+                    c2, t2 = time.process_time(), time.perf_counter()
+                    read()
+                    sync(device)
+                    t3, c3 = time.perf_counter(), time.process_time()
+                    tel[name].append((t3 - t2) if timer == "wall" else (c3 - c2))
         if cycle == warmup - 1 or (cycle + 1) % 10 == 0:
             print(f"[{label}] cycle {cycle + 1}/{cycles}", file=sys.stderr, flush=True)
     rows = []
@@ -255,6 +267,7 @@ def bench_shape_set(
                 "median_cpu_ms": 1e3 * statistics.median(cpu[name]),
                 "state_bytes": state,
                 "state_copies": state / param_bytes,
+                "telemetry_ms": 1e3 * statistics.median(tel[name]) if tel[name] else "",
                 "first_step_s": first[name],
                 "steps": steps[name],
                 "threads": torch.get_num_threads(),
@@ -287,6 +300,7 @@ COLUMNS = [
     "ratio_vs_adamw_foreach",
     "ratio_vs_adamw_fused",
     "ratio_vs_muon",
+    "telemetry_ms",
     "first_step_s",
     "steps",
     "threads",
