@@ -8,6 +8,9 @@ round, with:
 * ``ddp_adamw_fused``: ``DistributedDataParallel`` + ``torch.optim.AdamW(fused=True)``;
   ``ddp_adamw_fused_bf16``: the same with DDP's ``bf16_compress_hook`` (gradients all-reduced in
   bfloat16; registered under another name, as DDP refuses it by name without NCCL);
+  ``ddp_muon``: DDP + ``torch.optim.Muon`` on the hidden matrices and fused AdamW on the rest
+  (:func:`pisa.hybrid`, not distributed: DDP all-reduces the gradients), the time baseline of
+  ``hybrid_nsisa`` (``time_ratio_vs_ddp_muon``), which also runs Newton-Schulz every round;
 * ``pisa`` (identity preconditioner), ``sisa``, ``sisa_fused`` (``fused=True``; compiles in the
   warm-up rounds), ``sisa_bf16`` (``comm_dtype=torch.bfloat16``), ``sisa_one_bucket``
   (``bucket_mb=None``: one all-reduce after the whole step, no overlap) and ``hybrid_nsisa``
@@ -61,8 +64,8 @@ sys.path.insert(0, str(ROOT))
 
 import pisa  # noqa: E402
 
-OPTIMIZERS = ("ddp_adamw_fused", "ddp_adamw_fused_bf16", "pisa", "sisa", "sisa_fused",
-              "sisa_bf16", "sisa_one_bucket", "hybrid_nsisa")
+OPTIMIZERS = ("ddp_adamw_fused", "ddp_adamw_fused_bf16", "ddp_muon", "pisa", "sisa",
+              "sisa_fused", "sisa_bf16", "sisa_one_bucket", "hybrid_nsisa")
 #: the DDP row each optimizer is compared with (same communicated dtype)
 BASELINE = {"sisa_bf16": "ddp_adamw_fused_bf16", "ddp_adamw_fused_bf16": "ddp_adamw_fused_bf16"}
 IN_DIM, OUT_DIM, BATCH = 64, 10, 64
@@ -119,6 +122,10 @@ def build(
         ddp = nn.parallel.DistributedDataParallel(model)
         hook = bf16_hook if name.endswith("bf16") else default_hooks.allreduce_hook
         ddp.register_comm_hook(None, hook)
+        if name == "ddp_muon":
+            return ddp, pisa.hybrid(model, lambda ps: torch.optim.Muon(ps, lr=0.02),
+                                    require_2d=True, distributed=False,
+                                    companion_kwargs={"lr": 1e-3, "fused": True})
         return ddp, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     if name == "pisa":
         return model, pisa.PISA(model.parameters(), lr=1e-3, sigma=10.0, bucket_mb=bucket_mb)
@@ -229,12 +236,13 @@ def run_world(world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             "_w": per_rank[0]["w"],
         })
     by_name = {row["optimizer"]: row for row in rows}
-    adamw = by_name.get("ddp_adamw_fused")
+    adamw, muon = by_name.get("ddp_adamw_fused"), by_name.get("ddp_muon")
     for row in rows:
         base = by_name.get(BASELINE.get(row["optimizer"], "ddp_adamw_fused"))
         row["bytes_ratio_vs_ddp"] = row["bytes_per_round"] / base["bytes_per_round"] if base else ""
         row["time_ratio_vs_ddp_adamw_fused"] = (
             row["round_ms"] / adamw["round_ms"] if adamw else "")
+        row["time_ratio_vs_ddp_muon"] = row["round_ms"] / muon["round_ms"] if muon else ""
         row["rel_err_vs_fp"] = ""
     exact, rounded = by_name.get("sisa"), by_name.get("sisa_bf16")
     if exact and rounded:
@@ -280,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         "final_loss": lambda v: f"{v:.4f}",
     }
     cols = ["world", "optimizer", "bytes_per_round", "calls_per_round", "bytes_ratio_vs_ddp",
-            "round_ms", "step_ms", "time_ratio_vs_ddp_adamw_fused", "rel_err_vs_fp"]
+            "round_ms", "step_ms", "time_ratio_vs_ddp_adamw_fused", "time_ratio_vs_ddp_muon",
+            "rel_err_vs_fp"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:
