@@ -17,8 +17,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from pisa_bench.config import register_resolvers
 from pisa_bench.errors import exit_code, one_line_errors
 from pisa_bench.launch.job import JOB_STATUSES, job_entry
+
+register_resolvers()  # before Hydra reads the config (the --help template)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -17,6 +17,25 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def help_groups() -> str:
+    """The groups ``run.py --help`` lists, one line each (``group: option, ...``); the task
+    folders' own ``scale/`` and ``optim/`` files are picked by ``task=``, ``scale=`` and
+    ``optim=``, not chosen directly, so they are named once instead of listed."""
+    groups = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "hydra")
+    lines = [f"{g}: {', '.join(group_options(g))}" for g in groups]
+    lines.append("(a task's own settings, conf/task/<task>/scale/ and optim/, follow task=, "
+                 "scale= and optim=)")
+    return "\n".join(lines)
+
+
+def register_resolvers() -> None:
+    """``${pisa_help_groups:}`` for the help template in ``conf/config.yaml``."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("pisa_help_groups"):
+        OmegaConf.register_new_resolver("pisa_help_groups", help_groups)
+
+
 def optim_config(name: str) -> dict[str, Any]:
     """``conf/optim/<name>.yaml``: the optimizer config a bare name stands for (its class in
     ``_target_``); ``ValueError`` naming the choices for an unknown name."""

@@ -107,6 +107,18 @@ def test_run_py_prints_one_line_and_exits_2(override: str, line: str, tmp_path: 
     assert not (tmp_path / "runs").exists()
 
 
+def test_run_py_help_lists_each_group_once() -> None:
+    """``--help`` lists the groups a user picks from, with their options, and names the task
+    folders' own settings once instead of listing every ``task/<task>/scale`` as a group."""
+    done = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert f"task: {', '.join(group_options('task'))}" in lines
+    assert f"optim: {', '.join(group_options('optim'))}" in lines
+    assert not [ln for ln in lines if ln.startswith("task/")]
+
+
 # --- every loader honours or refuses each key -------------------------------------------------
 def _write_idx(path: Path, array: np.ndarray) -> None:
     """An IDX file (magic 2051 for (N, H, W) uint8 images, 2049 for (N,) labels), gzipped."""
