@@ -321,6 +321,26 @@ def test_rl_run_logs_returns_against_env_steps(run_cfg) -> None:
     assert summary["samples_or_tokens"] >= 256 and summary["optimizer_state_bytes"] > 0
 
 
+def test_rl_nan_weights_after_finite_losses_are_divergence(run_cfg, monkeypatch) -> None:
+    """An update whose losses were finite but which left NaN weights ends the run as diverged
+    (SB3's next rollout would otherwise fail on its action distribution)."""
+    real, calls = torch.optim.SGD.step, []
+
+    def poisoning(self, closure=None):
+        out = real(self, closure)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", poisoning)
+    summary, _ = run_cfg(["task=a2c_mujoco", "optim=sgdm", "scale=smoke"])
+    assert len(calls) == 3
+    assert summary["status"] == "diverged", summary.get("error")
+    assert "sum of |weights| is nan at step 3" in summary["error"]
+
+
 @pytest.mark.parametrize(
     ("optim", "cls"), [("adamw", torch.optim.AdamW), ("sgdm", torch.optim.SGD)]
 )

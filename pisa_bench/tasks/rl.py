@@ -442,9 +442,18 @@ class _Bridge(BaseCallback):
         self.trainer.record_eval(self.task.evaluate(self.model.policy))
         self.task.last_eval_step = self.trainer.step
 
+    def check_weights(self) -> None:
+        """Divergence the losses miss: an update whose losses were finite can leave NaN / inf
+        (or exploded) weights, which SB3's next rollout or evaluation would meet as a
+        ``ValueError`` of its action distribution (a failed run instead of a diverged one)."""
+        with torch.no_grad():
+            size = sum(p.detach().abs().sum() for p in self.model.policy.parameters())
+        self.trainer.check_finite(float(size), "the policy's sum of |weights|")
+
     def flush_train_stats(self, write: bool = True) -> None:
         """Log what SB3's last update recorded (``train/*``), with the ADMM telemetry if any
         (``write=False``: only check it for divergence)."""
+        self.check_weights()
         logger = self.model.logger
         row = {
             RENAME.get(k, k.split("/", 1)[1]): float(v)
