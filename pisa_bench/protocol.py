@@ -57,7 +57,7 @@ from pisa_bench.launch.plan import Plan, Point, composer
 from pisa_bench.record import run_dir_for
 from pisa_bench.rundir import read_metrics, read_summary, run_status
 
-FINISHED = ("ok", "diverged", "failed")  # outcomes a protocol stage can rely on
+FINISHED = ("ok", "diverged")  # outcomes a protocol stage can rely on (a failed run is retried)
 
 MIN_TRIALS = 5  # the equal tuning budget of a verdict: at least 5 trials per arm
 

@@ -257,6 +257,34 @@ def test_diverged_trials_rank_last(tmp_path: Path) -> None:
     assert all(a.chosen == 17.78 for a in proto.arms)  # grid 0.1, 0.5623, 3.162, 17.78, 100
 
 
+def test_a_failed_trial_counts_as_a_failure_then_the_next_call_retries_it(tmp_path: Path) -> None:
+    """A failed run (an error, not divergence) settles its stage in the call that ran it, so
+    the protocol goes on with it ranked last; the next call runs it again (the same command
+    resumes), and once it succeeds it is selected on its merits."""
+    compose = _fake_compose(tmp_path)
+    spec = ProtocolSpec(claims=("sisa",), trials=5, max_extend=0, seeds=2)
+    good = _launcher({"sisa": 1e-3, "adamw": 1e-3}, {"sisa": 1e-3, "adamw": 1e-3}, [])
+
+    def failing(points: Sequence[Point]) -> None:  # sisa's x1 trial (its val optimum) fails
+        for p in points:
+            if str(p.cfg.optim.name) == "sisa" and p.tags.get("lr_mult") == 1.0:
+                _write_run(p.run_dir, "failed", [])
+            else:
+                good([p])
+
+    proto = drive(_plan(tmp_path, compose), spec, failing, echo=lambda s: None,
+                  compose=compose)
+    sisa = proto.arms[0]
+    assert sisa.chosen != 1.0 and sisa.tuned  # ranked last, and the seeds still ran
+    launched: list[Point] = []
+    retry = _launcher({"sisa": 1e-3, "adamw": 1e-3}, {"sisa": 1e-3, "adamw": 1e-3}, launched)
+    proto2 = drive(_plan(tmp_path, compose), spec, retry, echo=lambda s: None,
+                   compose=compose)
+    first = launched[0]
+    assert (str(first.cfg.optim.name), first.tags["lr_mult"]) == ("sisa", 1.0)
+    assert proto2.arms[0].chosen == 1.0  # now ok: chosen on its validation value
+
+
 def test_selection_value_reads_the_last_validation_row(tmp_path: Path) -> None:
     _write_run(tmp_path / "a", "ok", [("val_accuracy", 1.0), ("accuracy", 99.0),
                                        ("val_accuracy", 2.0)])
