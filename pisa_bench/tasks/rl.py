@@ -64,7 +64,7 @@ from pisa_bench.baselines import needs_create_graph
 from pisa_bench.data.split import VAL_SPLIT_SEED
 from pisa_bench.runtime import round_telemetry, workers_per_round
 from pisa_bench.tasks.base import Task
-from pisa_bench.trainer import Preempted, Trainer
+from pisa_bench.trainer import Diverged, Preempted, Trainer
 
 try:
     from stable_baselines3 import A2C, PPO
@@ -444,11 +444,13 @@ class _Bridge(BaseCallback):
 
     def check_weights(self) -> None:
         """Divergence the losses miss: an update whose losses were finite can leave NaN / inf
-        (or exploded) weights, which SB3's next rollout or evaluation would meet as a
-        ``ValueError`` of its action distribution (a failed run instead of a diverged one)."""
+        weights, which SB3's next rollout or evaluation would meet as a ``ValueError`` of its
+        action distribution (a failed run instead of a diverged one). Finiteness only:
+        ``task.explode_above`` bounds the watched losses, not the weights' size."""
         with torch.no_grad():
-            size = sum(p.detach().abs().sum() for p in self.model.policy.parameters())
-        self.trainer.check_finite(float(size), "the policy's sum of |weights|")
+            size = float(sum(p.detach().abs().sum() for p in self.model.policy.parameters()))
+        if not math.isfinite(size):
+            raise Diverged(self.trainer.step, "the policy's sum of |weights|", size)
 
     def flush_train_stats(self, write: bool = True) -> None:
         """Log what SB3's last update recorded (``train/*``), with the ADMM telemetry if any
