@@ -853,10 +853,10 @@ class PISA(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for key, value in (("_bucket_mb", 25.0), ("_comm_dtype", None), ("_buckets", None),
-                           ("_consensus_dtype", None), ("_dual_pending", None)):
+                           ("_consensus_dtype", None), ("_dual_pending", None),
+                           ("_round_duals", [])):
             self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_first_norms", [None] * self.__dict__.get("_n_local", 1))
-        self.__dict__.setdefault("_round_duals", [])
 
     def _first_device(self) -> torch.device:
         for group in self.param_groups:
@@ -1447,12 +1447,12 @@ class PISA(Optimizer):
             sigma, rho = _sigma_rho(*_step_lr_c(first))
             self._tel_last = {
                 "primal_residual": primal_sq.clamp_min(0).sqrt(),
-                "dual_norm": dual_sq.clamp_min(0).sqrt(),
+                # virtual mode: computed when read (_dual_norm_now), NaN until then
+                "dual_norm": dual_sq.clamp_min(0).sqrt() if self._distributed else math.nan,
                 "sigma": sigma,
                 "rho": rho,
             }
             if not self._distributed:
-                self._tel_last["dual_norm"] = math.nan
                 self._dual_pending = self._round_duals if self.track_residuals else None
                 self._round_duals = []
         self._tel_partial = None
