@@ -114,7 +114,10 @@ def admm_kernel(
             w: Tensor, d: Tensor, pi: Tensor, v: Tensor | None, tgt: Tensor | None,
             tel: Tensor | None, hp: Tensor, _c: Callable[..., None] = compiled,
         ) -> None:
-            _c(w, d, pi, v, tgt, tel, hp, precond, add_dual, uses_w)
+            # the sum goes into a 1-element tensor: a 0-d float64 input that the graph adds a
+            # reduction to in place is not written back by inductor (torch 2.13, CPU)
+            _c(w, d, pi, v, tgt, None if tel is None else flat(tel), hp, precond, add_dual,
+               uses_w)
 
         _KERNELS[key] = fn
     return fn

@@ -123,6 +123,28 @@ def test_fused_matches_foreach(name: str, m: int, dtype: torch.dtype) -> None:
         assert tel_b[key] == pytest.approx(tel_a[key], rel=1e-5), key
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_telemetry_with_float64_default_dtype(m: int) -> None:
+    """With ``torch.set_default_dtype(torch.float64)`` the round's sums are 0-d float64 tensors,
+    which inductor (torch 2.13, CPU) does not write back when a compiled graph adds a reduction
+    to one in place: the fused primal residual must still equal the foreach one."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        tels = []
+        for fused in (False, True):
+            ps = params(torch.float64)
+            opt = make("sisa", ps, m, fused=fused)
+            train(ps, opt, 0, 3 * m)
+            tels.append(opt.telemetry())
+    finally:
+        torch.set_default_dtype(previous)
+    assert tels[0]["primal_residual"] > 0.0
+    for key in ("primal_residual", "dual_norm"):
+        # the foreach path sums the norms in float32
+        assert tels[1][key] == pytest.approx(tels[0][key], rel=1e-6), key
+
+
 def test_kernels_are_compiled_and_schedulers_do_not_recompile() -> None:
     """A fresh kernel compiles (the stance raises on it); after the first round neither ``lr``
     (StepLR), ``beta`` nor a parameter of a new size compiles again, and the weights still
