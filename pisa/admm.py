@@ -286,32 +286,36 @@ class PISA(Optimizer):
             with ``lambda << sigma_t`` the global L2 has almost no effect. No effect when
             ``lambda = 0``. Not with ``scaled_dual``; runs on the foreach path.
         track_residuals: compute the primal residual and dual norm each round (:meth:`telemetry`).
-            In virtual mode the dual norm is computed when :meth:`telemetry` is read, not in the
-            step (it needs one more read of the duals, a quarter of a compiled SISA step): a
-            round's value is there until the next round starts (read mid-round, in between
-            the workers' steps, a round whose dual norm was never read gives NaN).
+            Also an attribute that may change between rounds: a round sums its telemetry when it is
+            on at the round's first ``step()`` (a loop that logs every k-th round turns it on for
+            those only; the residual costs about 5% of a compiled SISA step); a round run without it
+            reports NaN for both. In virtual mode the dual norm is computed when :meth:`telemetry`
+            is read, not in the step (it needs one more read of the duals, a quarter of a compiled
+            SISA step): a round's value is there until the next round starts (read mid-round, in
+            between the workers' steps, a round whose dual norm was never read gives NaN).
         maximize: maximise the objective (the gradient's sign is flipped), as in ``torch.optim``.
         foreach: ``None`` / ``True``: multi-tensor (``torch._foreach_*``) kernels over the whole
             group; ``False``: one tensor at a time (lower peak memory; same result).
-        fused: ``True``: the elementwise part of the step (direction ``g + pi`` and coupled
-            decay, the identity / second-moment / ``|s|`` preconditioner, the ADMM update, the
-            telemetry sums) runs as one ``torch.compile``'d kernel per parameter tensor
-            (:mod:`pisa.fused`: C++ on CPU, Triton on CUDA), which reads and writes each state
-            tensor once. Same result as the foreach path up to rounding (float64 within
+        fused: ``True``: the elementwise part of the step (direction ``g + pi`` and coupled decay,
+            the identity / second-moment / ``|s|`` preconditioner, the ADMM update, the telemetry
+            sums) runs as ``torch.compile``'d kernels, one compiled call per pack of up to 32
+            parameter tensors (:mod:`pisa.fused`: C++ on CPU, Triton on CUDA), which read and write
+            each state tensor once. Same result as the foreach path up to rounding (float64 within
             ``1e-12``, float32 within ``1e-6`` relative after 100 steps; bfloat16 / float16 are
-            computed in float32 and rounded once, so they differ by their own rounding); the
-            state and ``state_dict`` are the same, so checkpoints move between the two paths.
-            The first step compiles (seconds per kernel variant and dtype); ``lr`` and the other
-            group keys are passed as data, so schedulers do not recompile. ``None`` (default)
-            / ``False``: the foreach path on every device, as ``torch.optim`` (which also never
-            picks ``fused`` by itself): compiling costs more than it saves on small models and
-            needs a C++ compiler on CPU. Tensors with fewer than ``fused_min_numel`` (class
-            attribute, 2^14) elements and non-contiguous ones take the foreach path (a compiled
-            call costs ~0.1 ms of dispatch). Preconditioners without a fused form (Hutchinson,
-            custom ones) and NSISA's Newton-Schulz direction run as before; NSISA fuses its
-            vectors' SISA step and the update after the direction. Not with ``foreach=True``.
-            A group key, but an implementation choice: :meth:`load_state_dict` keeps this
-            optimizer's value.
+            computed in float32 and rounded once, so they differ by their own rounding); the state
+            and ``state_dict`` are the same, so checkpoints move between the two paths. The first
+            step compiles (for GPT-2 124M about 30 s on CPU, once per process and then from
+            inductor's disk cache; a pack compiles once per variant, dtype and pattern of equal
+            sizes, whatever the sizes); ``lr`` and the other group keys are passed as data, so
+            schedulers do not recompile. ``None`` (default) / ``False``: the foreach path on every
+            device, as ``torch.optim`` (which also never picks ``fused`` by itself): compiling costs
+            more than it saves on small models and needs a C++ compiler on CPU. Tensors with fewer
+            than ``fused_min_numel`` (class attribute, 2^14) elements and non-contiguous ones take
+            the foreach path (packing GPT-2's ~100 vectors as well made its step slower and its
+            compilation longer). Preconditioners without a fused form (Hutchinson, custom ones) and
+            NSISA's Newton-Schulz direction run as before; NSISA fuses its vectors' SISA step and
+            the update after the direction. Not with ``foreach=True``. A group key, but an
+            implementation choice: :meth:`load_state_dict` keeps this optimizer's value.
         none_grad: ``"skip"`` (default) or ``"zero"``, see above.
         check_distributed: at the first distributed step, raise when the ranks' parameters differ
             or their gradients are identical (averaged by DDP / accelerate).
@@ -678,17 +682,16 @@ class PISA(Optimizer):
     def telemetry(self) -> dict[str, float]:
         """Values of the last completed round: ``primal_residual``
         ``= sqrt(sum_i alpha_i ||w_i - w||^2)``, ``dual_norm = sqrt(sum_i alpha_i ||pi_i||^2)``
-        (over the parameters the workers stepped; NaN when ``track_residuals=False``), and
+        (over the parameters the workers stepped; NaN for a round run with
+        ``track_residuals=False``), and
         ``sigma`` / ``rho`` of the first group. Calling it synchronises the device; in virtual
         mode the first call after a round reads the duals for ``dual_norm``."""
         self._dual_norm_now()
         out: dict[str, float] = {}
         for key in ("primal_residual", "dual_norm"):
             val = self._tel_last.get(key)
-            out[key] = (
-                float(val) if val is not None and self.track_residuals else
-                (0.0 if self.track_residuals else math.nan)
-            )
+            out[key] = float(val) if val is not None else (
+                0.0 if self.track_residuals else math.nan)  # before the first round
         sigma, rho = self._tel_last.get("sigma"), self._tel_last.get("rho")
         if sigma is None:
             sigma, rho = self.current_sigma_rho()
@@ -958,11 +961,14 @@ class PISA(Optimizer):
             aux_all = self.preconditioner.prepare(stepped_all, raw_all)
 
         device = trainable[0].device
-        if first or self._tel_partial is None:
-            self._tel_partial = [torch.zeros((), device=device) for _ in range(2)]
+        if first:  # the round sums its telemetry when track_residuals is on at its first step
+            self._tel_partial = (
+                [torch.zeros((), device=device) for _ in range(2)]
+                if self.track_residuals else None
+            )
         if first and not self._distributed:  # an unread round's dual norm stays NaN
             self._round_duals, self._dual_pending = [], None
-        if self.track_residuals and not self._distributed and stepped_all:
+        if self._tel_partial is not None and not self._distributed and stepped_all:
             self._round_duals.append((alpha, local, stepped_all))
         buckets: pdist.FlatBuckets | None = None
         target_of: dict[int, Tensor] = {}
@@ -1010,12 +1016,16 @@ class PISA(Optimizer):
             assert buckets is not None and buckets.extra is not None
             stepped_ids = {id(p) for p in stepped_all}
             flags = [1.0 if id(p) in stepped_ids else 0.0 for p in trainable]
-            buckets.extra[:2].copy_(torch.stack(self._tel_partial).to(buckets.extra.dtype))
+            if self._tel_partial is None:
+                buckets.extra[:2].zero_()
+            else:
+                buckets.extra[:2].copy_(torch.stack(self._tel_partial).to(buckets.extra.dtype))
             buckets.extra[2:].copy_(torch.tensor(flags, dtype=buckets.extra.dtype))
             buckets.wait()
-            self._tel_partial = [
-                t.to(device=device, dtype=torch.float32) for t in buckets.extra[:2]
-            ]
+            if self._tel_partial is not None:
+                self._tel_partial = [
+                    t.to(device=device, dtype=torch.float32) for t in buckets.extra[:2]
+                ]
             if len(stepped_ids) == len(trainable):
                 live = None  # this rank stepped everything: every parameter moves
             else:  # one host sync, only when this rank skipped something
@@ -1359,7 +1369,7 @@ class PISA(Optimizer):
             torch._foreach_add_(pi, e, alpha=-c / k)
         if group["scaled_dual"] and alpha != 1.0:  # official GPT-2 code: pi_i <- alpha_i pi_i
             torch._foreach_mul_(pi, alpha)
-        if self.track_residuals and self._tel_partial is not None:
+        if self._tel_partial is not None:
             device = self._tel_partial[0].device
             self._tel_partial[0] += (alpha * (lr / k) ** 2) * _sum_sq_norms(e, device)
             if self._distributed:  # virtual mode: when read (_dual_norm_now)
@@ -1378,7 +1388,8 @@ class PISA(Optimizer):
         add_dual: bool,
     ) -> None:
         """:meth:`_admm_update` (and, with ``add_dual``, the base direction ``s = d + pi + kc w``)
-        as one compiled kernel per tensor (:mod:`pisa.fused`), with the same coefficients."""
+        as compiled kernels over packs of tensors (:mod:`pisa.fused`), with the same
+        coefficients."""
         kc = self._coupled_wd(group) if add_dual else 0.0
         alpha, alpha_t = worker.alpha, worker.alpha_t
         scale, shift = precond.coefficients(group, worker.t)
@@ -1394,25 +1405,31 @@ class PISA(Optimizer):
         coef[pfused.A_DUAL], coef[pfused.T_E] = -c / k, alpha * (lr / k) ** 2
         device = params[0].device
         hp = torch.tensor(coef, dtype=torch.float64, device=device)
-        track = self.track_residuals and self._tel_partial is not None
-        tel = self._tel_partial[0] if track and self._tel_partial is not None else None
+        tel = None if self._tel_partial is None else self._tel_partial[0]
         pi_all = wstate["dual"]
         v_all = wstate.get("exp_avg_sq") if kind == "second_moment" else None
         rest: list[int] = []  # small or non-contiguous tensors: the foreach path
+        fused: dict[bool, list[int]] = {True: [], False: []}  # by "the target is w"
         for j, (p, dj, pi, tgt) in enumerate(zip(params, d, pi_all, targets)):
-            in_place = tgt is p
-            v = None if v_all is None else v_all[j]
-            tensors = [p, dj, pi] + ([] if v is None else [v]) + ([] if in_place else [tgt])
+            tensors = [p, dj, pi] + ([] if v_all is None else [v_all[j]]) + [tgt]
             if p.numel() < max(1, self.fused_min_numel) or not all(
                 x.is_contiguous() for x in tensors
             ):
                 rest.append(j)
-                continue
+            else:
+                fused[tgt is p].append(j)
+        flat = pfused.flat
+        for in_place, idx in fused.items():
             uses_w = in_place or kc != 0.0 or kd != 0.0
-            kernel = pfused.admm_kernel(kind, add_dual, uses_w, in_place, tel is not None)
-            flat = pfused.flat
-            kernel(flat(p), flat(dj), flat(pi), None if v is None else flat(v),
-                   None if in_place else flat(tgt), tel, hp)
+            for pack in pfused.packs(len(idx)):
+                js = idx[pack]
+                pattern = pfused.size_pattern([params[j].numel() for j in js])
+                kernel = pfused.admm_kernel(kind, add_dual, uses_w, in_place, tel is not None,
+                                            pattern)
+                kernel([flat(params[j]) for j in js], [flat(d[j]) for j in js],
+                       [flat(pi_all[j]) for j in js],
+                       None if v_all is None else [flat(v_all[j]) for j in js],
+                       None if in_place else [flat(targets[j]) for j in js], tel, hp)
         if rest:
             sub_p = [params[j] for j in rest]
             sub_w = {key: [lst[j] for j in rest] for key, lst in wstate.items()}
@@ -1423,7 +1440,7 @@ class PISA(Optimizer):
             self._admm_update(group, sub_p, s, sub_w, sub_t, worker, None, precond)
             skip = set(rest)  # their telemetry is in _admm_update's
             pi_all = [pi for j, pi in enumerate(pi_all) if j not in skip]
-        if track and self._distributed and self._tel_partial is not None:
+        if self._distributed and self._tel_partial is not None:
             self._tel_partial[1] += alpha * _sum_sq_norms(pi_all, self._tel_partial[1].device)
 
     def _finish_round(
@@ -1441,20 +1458,17 @@ class PISA(Optimizer):
                     torch._foreach_zero_(acc)
             if lam and not group["l2_dual_only"]:  # l2_dual_only: lambda was in the shares
                 torch._foreach_mul_(params, 1.0 / (1.0 + lam * inv_sigma))
-        if self._tel_partial is not None:
+        sigma, rho = _sigma_rho(*_step_lr_c(self.param_groups[0]))
+        self._tel_last = {"primal_residual": math.nan, "dual_norm": math.nan,
+                          "sigma": sigma, "rho": rho}
+        if self._tel_partial is not None:  # a tracked round
             primal_sq, dual_sq = self._tel_partial
-            first = self.param_groups[0]
-            sigma, rho = _sigma_rho(*_step_lr_c(first))
-            self._tel_last = {
-                "primal_residual": primal_sq.clamp_min(0).sqrt(),
-                # virtual mode: computed when read (_dual_norm_now), NaN until then
-                "dual_norm": dual_sq.clamp_min(0).sqrt() if self._distributed else math.nan,
-                "sigma": sigma,
-                "rho": rho,
-            }
-            if not self._distributed:
-                self._dual_pending = self._round_duals if self.track_residuals else None
-                self._round_duals = []
+            self._tel_last["primal_residual"] = primal_sq.clamp_min(0).sqrt()
+            if self._distributed:  # virtual mode: computed when read (_dual_norm_now)
+                self._tel_last["dual_norm"] = dual_sq.clamp_min(0).sqrt()
+            else:
+                self._dual_pending = self._round_duals
+        self._round_duals = []
         self._tel_partial = None
         self._round += 1
         self._worker = 0

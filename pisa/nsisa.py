@@ -107,7 +107,7 @@ class NSISA(PISA):
             tensor at a time (same result, lower peak memory).
         fused: ``True``: the vectors' SISA step and, for matrices, everything after the
             Newton-Schulz direction (the preconditioner ``|s| + eps`` or the EMA, the ADMM update)
-            as one ``torch.compile``'d kernel per tensor (:mod:`pisa.fused`); the momentum and the
+            as ``torch.compile``'d kernels (:mod:`pisa.fused`); the momentum and the
             orthogonalisation run as before. ``None`` / ``False`` (default): the foreach path.
         none_grad: ``"skip"`` (default, as torch: a parameter without ``.grad`` in the whole
             round is untouched) or ``"zero"`` (a missing gradient is a zero gradient).

@@ -306,6 +306,17 @@ class Hybrid(Optimizer):
             raise AttributeError(f"{type(self.main).__name__} has no worker weights")
         self.main.set_worker_weights(weights)
 
+    @property
+    def track_residuals(self) -> bool:
+        """The main optimizer's ``track_residuals`` (False when it has none); settable between
+        rounds (no effect on a main optimizer without it)."""
+        return bool(getattr(self.main, "track_residuals", False))
+
+    @track_residuals.setter
+    def track_residuals(self, on: bool) -> None:
+        if hasattr(self.main, "track_residuals"):
+            self.main.track_residuals = on  # type: ignore[attr-defined]
+
     def telemetry(self) -> dict[str, float]:
         """The main optimizer's :meth:`~pisa.PISA.telemetry` (``{}`` when it has none)."""
         return dict(self.main.telemetry()) if self._main_is_pisa else {}  # type: ignore[attr-defined]

@@ -70,8 +70,8 @@ class SISA(PISA):
         maximize: maximise instead of minimise.
         foreach: ``None`` / ``True`` multi-tensor kernels, ``False`` one tensor at a time.
         fused: ``True``: the whole step (``g + pi``, the second moment, the ADMM update) as one
-            ``torch.compile``'d kernel per tensor (:mod:`pisa.fused`; same result up to rounding,
-            same ``state_dict``); ``None`` / ``False`` (default): the foreach path.
+            ``torch.compile``'d call per pack of tensors (:mod:`pisa.fused`; same result up to
+            rounding, same ``state_dict``); ``None`` / ``False`` (default): the foreach path.
         none_grad: ``"skip"`` (default, as torch: a parameter without ``.grad`` in the whole
             round is untouched) or ``"zero"`` (a missing gradient is a zero gradient).
         check_distributed: at the first distributed step, raise when the ranks' parameters

@@ -17,8 +17,8 @@ other optimizer gets its gradients averaged across ranks first (what DDP does).
 On GPU the loop does not wait for the device between steps: each step's loss stays a device
 tensor, queued and read (one copy, checked for divergence at its own step) at the log, evaluation
 and checkpoint cadence; the optimizer step is timed by CUDA events, read when the summary is
-written; round telemetry is read at the log cadence only. On CPU, where a read costs nothing, the
-loss is read and checked every step.
+written; round telemetry is summed and read at the log cadence only. On CPU, where a read
+costs nothing, the loss is read and checked every step.
 
 Services for tasks with their own loop (GAN, RL, federated): :meth:`make_optimizer`,
 :meth:`make_scheduler`, :meth:`optimizer_step` (timed), :meth:`log`, :meth:`record_eval`,
@@ -203,9 +203,11 @@ class Trainer:
         due |= self.max_steps > 0 and self.step >= self.max_steps
         return due or (self._agree(self._late())[0] if late is None else late)
 
-    def log_due(self) -> bool:
-        """A training row is due: every ``train.log_every`` steps and at the last one."""
-        return self.step % self.cadence.log_every == 0 or self.step >= self.max_steps
+    def log_due(self, step: int | None = None) -> bool:
+        """A training row is due after ``step`` (default: the current one): every
+        ``train.log_every`` steps and at the last one."""
+        step = self.step if step is None else step
+        return step % self.cadence.log_every == 0 or step >= self.max_steps
 
     def eval_due(self) -> bool:
         """An evaluation is due: every ``train.eval_every`` steps (0: never) and at the last."""
@@ -559,7 +561,11 @@ class Trainer:
 
         bar = self.progress(total, initial=self.step)
         batches = self.batches()
+        # a consensus optimizer sums its round telemetry only for the rounds that are logged
+        track = bool(getattr(opt, "track_residuals", False))
         while self.step < total:
+            if track:
+                opt.track_residuals = self.log_due(self.step + 1)
             batch = next(batches)
             n_batch = task.count(batch)
             if distributed:

@@ -115,6 +115,40 @@ def test_resume_continuity(optim: str, run_cfg, tmp_path: Path) -> None:
     assert len(meta["resumes"]) == 1
 
 
+def test_round_telemetry_is_summed_for_logged_rounds_only(
+    run_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer has a consensus optimizer sum its round telemetry (``track_residuals``) for
+    the rounds it logs only: with ``log_every=3`` rounds 3, 6 and 7 (the last), whose logged
+    values are those of a run that logs every round."""
+    import pisa.admm
+
+    tracked: list[bool] = []
+    real = pisa.admm.PISA._finish_round
+
+    def finish(self, close):
+        tracked.append(self._tel_partial is not None)
+        return real(self, close)
+
+    monkeypatch.setattr(pisa.admm.PISA, "_finish_round", finish)
+    base = [o for o in QUICK if not o.startswith("train.log_every")]
+    runs = {}
+    for every in (1, 3):
+        tracked.clear()
+        summary, run_dir = run_cfg([*base, "optim=sisa", f"train.log_every={every}",
+                                    "train.max_steps=7", f"name=every{every}"])
+        assert summary["status"] == "ok"
+        runs[every] = {(r["step"], r["metric"]): r["value"]
+                       for r in read_metrics(run_dir / "metrics.csv")
+                       if r["metric"].startswith("admm_")}
+        assert tracked == ([True] * 7 if every == 1 else
+                           [step in (3, 6, 7) for step in range(1, 8)])
+    assert sorted({step for step, _ in runs[3]}) == [3, 6, 7]
+    for key, value in runs[3].items():
+        assert value == runs[1][key], key
+    assert all(v > 0 for (_, m), v in runs[3].items() if m == "admm_primal_residual")
+
+
 def test_finished_run_is_never_overwritten(run_cfg) -> None:
     first, run_dir = run_cfg([*QUICK, "optim=adamw"])
     before = (run_dir / "metrics.csv").read_text()

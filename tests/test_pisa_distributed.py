@@ -4,6 +4,7 @@ wrappers (DDP, ranks that start apart) are caught or made correct."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def run(
     return {k: v.clone() for k, v in model.state_dict().items()}, opt.telemetry()
 
 
+def _track_last(r: int, opt) -> None:
+    """``track_residuals`` on for the last round only (set on the Hybrid, reaching its main):
+    the rounds before report NaN."""
+    if r > 0:
+        assert math.isnan(opt.telemetry()["primal_residual"]), r
+    opt.track_residuals = r == ROUNDS - 1
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -83,6 +92,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         out = {}
         for name in EQUAL_NAMES:
             out[name] = run(name, rank)
+        out["hybrid_last_tracked"] = run("hybrid", rank, on_round=_track_last)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -92,12 +102,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def test_distributed_equals_virtual(tmp_path: Path) -> None:
     # the virtual runs first: forked children then inherit every lazily imported module
     virtual = {name: run(name, rank=None) for name in EQUAL_NAMES}
+    virtual["hybrid_last_tracked"] = run("hybrid", None, on_round=_track_last)
     # fork (as DataLoader workers, one thread each) avoids re-importing torch in every child
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD,
                        join=True, start_method=method)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    for name in EQUAL_NAMES:
+    for name in (*EQUAL_NAMES, "hybrid_last_tracked"):
         virtual_state, virtual_tel = virtual[name]
         for r in range(WORLD):
             dist_state, dist_tel = ranks[r][name]
@@ -113,6 +124,13 @@ def test_distributed_equals_virtual(tmp_path: Path) -> None:
         initial = Net().to(DT).state_dict()
         assert not torch.equal(initial["hidden.weight"], virtual_state["hidden.weight"])
         assert not torch.equal(initial["embed.weight"], virtual_state["embed.weight"])
+    # telemetry summed for the last round only: the same weights and last-round values
+    for run_of in (virtual, *ranks):
+        state, tel = run_of["hybrid_last_tracked"]
+        full_state, full_tel = run_of["hybrid"]
+        for key, value in full_state.items():
+            assert torch.equal(state[key], value), key
+        assert tel == full_tel
 
 
 MODES = ("ddp", "differ", "prepare", "no_sync")

@@ -177,6 +177,47 @@ def test_kernels_are_compiled_and_schedulers_do_not_recompile() -> None:
     assert_close(*runs, dt)
 
 
+def test_packs_and_size_patterns() -> None:
+    """Packs are powers of two, largest first, covering every index once; a pattern says which
+    sizes are equal (and marks size 1 and the coefficient tensor's size)."""
+    for n in range(0, 100):
+        cut = pisa.fused.packs(n)
+        sizes = [s.stop - s.start for s in cut]
+        assert [i for s in cut for i in range(n)[s]] == list(range(n))
+        assert all(k & (k - 1) == 0 and k <= pisa.fused.MAX_PACK for k in sizes)
+        assert sizes == sorted(sizes, reverse=True)
+    assert pisa.fused.size_pattern([30, 30, 12, 5, 12]) == (0, 0, 2, 3, 2)
+    assert pisa.fused.size_pattern([7, 1, pisa.fused.N_COEF]) == (0, -1, -2)
+
+
+def test_a_pattern_compiles_once_and_equal_sizes_are_kept_apart() -> None:
+    """Packs with the sizes' pattern of a compiled pack reuse its graph whatever the sizes
+    (no compilation: the stance raises on one); another pattern gets its own kernel, and every
+    pack follows the foreach path."""
+    dt = torch.float64
+
+    def build(numels: list[int], seed: int) -> list[nn.Parameter]:
+        gen = torch.Generator().manual_seed(seed)
+        return [nn.Parameter(torch.randn(n, generator=gen, dtype=dt)) for n in numels]
+
+    def both(numels: list[int], seed: int, stance: str = "default") -> None:
+        runs = []
+        for fused in (False, True):
+            ps = build(numels, seed)
+            opt = pisa.SISA(ps, lr=0.02, sigma=2.0, n_workers=1, fused=fused)
+            with torch.compiler.set_stance(stance):
+                train(ps, opt, 0, 3)
+            runs.append([p.detach() for p in ps])
+        assert_close(*runs, dt)
+
+    both([30, 30, 12, 5], 0)  # pattern (0, 0, 2, 3)
+    kernels = len(pisa.fused._KERNELS)
+    both([20, 20, 7, 6], 1, "fail_on_recompile")  # same pattern, other sizes
+    assert len(pisa.fused._KERNELS) == kernels
+    both([20, 7, 7, 6], 2)  # (0, 1, 1, 3): a kernel of its own
+    assert len(pisa.fused._KERNELS) == kernels + 1
+
+
 def test_inside_a_compiled_training_step() -> None:
     """``torch.compile(opt.step)``: the step runs eagerly (``torch.compiler.disable``) and its
     kernels still run compiled, with the same weights."""

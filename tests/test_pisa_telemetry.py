@@ -119,3 +119,26 @@ def test_without_tracking_the_dual_norm_is_nan() -> None:
     _round(params, opt, 0)
     tel = opt.telemetry()
     assert math.isnan(tel["dual_norm"]) and math.isnan(tel["primal_residual"])
+
+
+def test_tracking_is_chosen_per_round() -> None:
+    """``track_residuals`` switched between rounds: a round run without it reports NaN, a round
+    run with it the values of an always-tracked run; switched inside a round, it takes effect
+    at the next round."""
+    params, opt = _setup()
+    ref_params, ref = _setup()
+    for r in range(4):
+        opt.track_residuals = r in (1, 3)
+        _worker_step(params, opt, r, 0)
+        opt.track_residuals = not opt.track_residuals  # inside the round: no effect on it
+        for i in (1, 2):
+            _worker_step(params, opt, r, i)
+        _round(ref_params, ref, r)
+        tel, want = opt.telemetry(), ref.telemetry()
+        for key in ("primal_residual", "dual_norm"):
+            if r in (1, 3):
+                assert tel[key] == want[key] and want[key] > 0, (r, key)
+            else:
+                assert math.isnan(tel[key]), (r, key)
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
