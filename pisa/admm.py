@@ -372,9 +372,12 @@ class PISA(Optimizer):
     #: "auto" (CPU: 2^18 elements per 2 threads, so temporaries are reused and stay in cache;
     #: CUDA: whole lists, the multi-tensor kernels and the caching allocator do that already)
     chunk_size: int | str | None = "auto"
-    #: ``fused=True``: tensors with fewer elements take the foreach path (one compiled call
-    #: costs ~0.1 ms of Python and guard overhead, more than a small tensor's update)
+    #: ``fused=True``: tensors with fewer elements take the foreach path (packing them too made
+    #: a GPT-2 step slower and its compilation longer)
     fused_min_numel: int = 1 << 14
+    #: ``fused=True``: most tensors per compiled call (:func:`pisa.fused.packs`; 1: one call per
+    #: tensor)
+    fused_max_pack: int = pfused.MAX_PACK
 
     def __init__(
         self,
@@ -1421,7 +1424,7 @@ class PISA(Optimizer):
         flat = pfused.flat
         for in_place, idx in fused.items():
             uses_w = in_place or kc != 0.0 or kd != 0.0
-            for pack in pfused.packs(len(idx)):
+            for pack in pfused.packs(len(idx), self.fused_max_pack):
                 js = idx[pack]
                 pattern = pfused.size_pattern([params[j].numel() for j in js])
                 kernel = pfused.admm_kernel(kind, add_dual, uses_w, in_place, tel is not None,

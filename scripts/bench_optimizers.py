@@ -14,7 +14,9 @@ Optimizers (one worker, ``n_workers = 1``; library defaults otherwise):
 * ``adamw_foreach`` / ``adamw_fused``: ``torch.optim.AdamW(foreach=True)`` / ``(fused=True)``;
 * ``pisa`` (identity preconditioner), ``sisa``, ``sisa_no_telemetry`` (``track_residuals=False``)
   on every parameter; ``pisa_fused``, ``sisa_fused``, ``sisa_fused_no_telemetry``: the same with
-  ``fused=True`` (the compiled elementwise step, :mod:`pisa.fused`);
+  ``fused=True`` (the compiled elementwise step, :mod:`pisa.fused`: one compiled call per pack of
+  up to 32 tensors); ``sisa_fused_per_tensor``: ``sisa_fused`` with one compiled call per tensor
+  (``fused_max_pack = 1``);
 * ``muon``: ``torch.optim.Muon`` on the hidden 2-D matrices + ``AdamW(foreach=True)`` on the rest
   (embeddings, head, vectors, the patch convolution), routed by
   :func:`pisa.split_hidden_matrices` and wrapped in :class:`pisa.Hybrid`, as the project's Muon
@@ -170,6 +172,11 @@ def optimizer_factories(device: torch.device) -> dict[str, Callable[[nn.Module],
             **kw,
         )
 
+    def sisa_per_tensor(model: nn.Module) -> pisa.SISA:
+        opt = pisa.SISA(model.parameters(), lr=lr, sigma=1.0, fused=True)
+        opt.fused_max_pack = 1  # one compiled call per tensor (before packs)
+        return opt
+
     out: dict[str, Callable[[nn.Module], Any]] = {
         "adamw_foreach": lambda m: adamw(m, foreach=True),
         "pisa": lambda m: pisa.PISA(m.parameters(), lr=lr, sigma=1.0),
@@ -182,6 +189,7 @@ def optimizer_factories(device: torch.device) -> dict[str, Callable[[nn.Module],
         "sisa_fused_no_telemetry": lambda m: pisa.SISA(
             m.parameters(), lr=lr, sigma=1.0, track_residuals=False, fused=True
         ),
+        "sisa_fused_per_tensor": sisa_per_tensor,
         "muon": muon,
         "nsisa": nsisa,
         "nsisa_bf16": lambda m: nsisa(m, ns_dtype=torch.bfloat16),

@@ -186,6 +186,7 @@ def test_packs_and_size_patterns() -> None:
         assert [i for s in cut for i in range(n)[s]] == list(range(n))
         assert all(k & (k - 1) == 0 and k <= pisa.fused.MAX_PACK for k in sizes)
         assert sizes == sorted(sizes, reverse=True)
+    assert [s.stop - s.start for s in pisa.fused.packs(5, 1)] == [1] * 5  # per tensor
     assert pisa.fused.size_pattern([30, 30, 12, 5, 12]) == (0, 0, 2, 3, 2)
     assert pisa.fused.size_pattern([7, 1, pisa.fused.N_COEF]) == (0, -1, -2)
 
