@@ -120,7 +120,7 @@ def test_round_telemetry_is_summed_for_logged_rounds_only(
 ) -> None:
     """The trainer has a consensus optimizer sum its round telemetry (``track_residuals``) for
     the rounds it logs only: with ``log_every=3`` rounds 3, 6 and 7 (the last), whose logged
-    values are those of a run that logs every round."""
+    values (losses, telemetry, the final evaluation) are those of a run that logs every round."""
     import pisa.admm
 
     tracked: list[bool] = []
@@ -138,15 +138,18 @@ def test_round_telemetry_is_summed_for_logged_rounds_only(
         summary, run_dir = run_cfg([*base, "optim=sisa", f"train.log_every={every}",
                                     "train.max_steps=7", f"name=every{every}"])
         assert summary["status"] == "ok"
-        runs[every] = {(r["step"], r["metric"]): r["value"]
+        runs[every] = {(r["step"], r["split"], r["metric"]): r["value"]
                        for r in read_metrics(run_dir / "metrics.csv")
-                       if r["metric"].startswith("admm_")}
+                       if r["split"] == "train" or r["step"] == 7}
         assert tracked == ([True] * 7 if every == 1 else
                            [step in (3, 6, 7) for step in range(1, 8)])
-    assert sorted({step for step, _ in runs[3]}) == [3, 6, 7]
-    for key, value in runs[3].items():
+    assert sorted({step for step, _, _ in runs[3]}) == [3, 6, 7]
+    for key, value in runs[3].items():  # the losses, telemetry and the final evaluation
         assert value == runs[1][key], key
-    assert all(v > 0 for (_, m), v in runs[3].items() if m == "admm_primal_residual")
+    assert {"loss", "admm_dual_norm"} <= {m for _, _, m in runs[3]}
+    assert any(split != "train" for _, split, _ in runs[3])
+    residuals = [v for (_, _, m), v in runs[3].items() if m == "admm_primal_residual"]
+    assert len(residuals) == 3 and all(v > 0 for v in residuals)
 
 
 def test_finished_run_is_never_overwritten(run_cfg) -> None:
