@@ -306,16 +306,17 @@ class PISA(Optimizer):
             and ``state_dict`` are the same, so checkpoints move between the two paths. The first
             step compiles (for GPT-2 124M about 30 s on CPU, once per process and then from
             inductor's disk cache; a pack compiles once per variant, dtype and pattern of equal
-            sizes, whatever the sizes); ``lr`` and the other group keys are passed as data, so
-            schedulers do not recompile. ``None`` (default) / ``False``: the foreach path on every
-            device, as ``torch.optim`` (which also never picks ``fused`` by itself): compiling costs
-            more than it saves on small models and needs a C++ compiler on CPU. Tensors with fewer
-            than ``fused_min_numel`` (class attribute, 2^14) elements and non-contiguous ones take
-            the foreach path (packing GPT-2's ~100 vectors as well made its step slower and its
-            compilation longer). Preconditioners without a fused form (Hutchinson, custom ones) and
-            NSISA's Newton-Schulz direction run as before; NSISA fuses its vectors' SISA step and
-            the update after the direction. Not with ``foreach=True``. A group key, but an
-            implementation choice: :meth:`load_state_dict` keeps this optimizer's value.
+            sizes, whatever the sizes; past 64 pack kernels, tensor by tensor); ``lr`` and the other
+            group keys are passed as data, so schedulers do not recompile. ``None`` (default) /
+            ``False``: the foreach path on every device, as ``torch.optim`` (which also never picks
+            ``fused`` by itself): compiling costs more than it saves on small models and needs a C++
+            compiler on CPU. Tensors with fewer than ``fused_min_numel`` (class attribute, 2^14)
+            elements and non-contiguous ones take the foreach path (packing GPT-2's ~100 vectors as
+            well made its step slower and its compilation longer). Preconditioners without a fused
+            form (Hutchinson, custom ones) and NSISA's Newton-Schulz direction run as before; NSISA
+            fuses its vectors' SISA step and the update after the direction. Not with
+            ``foreach=True``. A group key, but an implementation choice: :meth:`load_state_dict`
+            keeps this optimizer's value.
         none_grad: ``"skip"`` (default) or ``"zero"``, see above.
         check_distributed: at the first distributed step, raise when the ranks' parameters differ
             or their gradients are identical (averaged by DDP / accelerate).
@@ -1424,11 +1425,17 @@ class PISA(Optimizer):
         flat = pfused.flat
         for in_place, idx in fused.items():
             uses_w = in_place or kc != 0.0 or kd != 0.0
-            for pack in pfused.packs(len(idx), self.fused_max_pack):
-                js = idx[pack]
+            todo = [idx[pack] for pack in pfused.packs(len(idx), self.fused_max_pack)]
+            at = 0
+            while at < len(todo):
+                js = todo[at]
+                at += 1
                 pattern = pfused.size_pattern([params[j].numel() for j in js])
                 kernel = pfused.admm_kernel(kind, add_dual, uses_w, in_place, tel is not None,
                                             pattern)
+                if kernel is None:  # no room for a new pack kernel: tensor by tensor
+                    todo[at:at] = [[j] for j in js]
+                    continue
                 kernel([flat(params[j]) for j in js], [flat(d[j]) for j in js],
                        [flat(pi_all[j]) for j in js],
                        None if v_all is None else [flat(v_all[j]) for j in js],

@@ -112,6 +112,10 @@ def _update_pack(
 #: and on CPU about 8% less time than n single-tensor graphs over GPT-2's tensors); its compile
 #: time grows with n
 MAX_PACK = 32
+#: most pack kernels compiled in a process: beyond it a pack of a new size pattern runs tensor by
+#: tensor (single-tensor kernels, whose few patterns serve every size), so a parameter set that
+#: changes from step to step (gradients that are sometimes ``None``) cannot compile without end
+MAX_KERNELS = 64
 
 _KERNELS: dict[tuple[Any, ...], Callable[..., None]] = {}
 
@@ -143,13 +147,16 @@ def size_pattern(sizes: list[int]) -> tuple[int, ...]:
 def admm_kernel(
     precond: str, add_dual: bool, uses_w: bool, in_place: bool, track: bool,
     pattern: tuple[int, ...],
-) -> Callable[..., None]:
+) -> Callable[..., None] | None:
     """The compiled :func:`_update_pack` for one variant and size pattern, built on first use
     (``dynamic=True``, ``fullgraph=True``). Each gets its own copy of the code object, so that
     dynamo's per-function cache (8 entries) holds only its graphs (one per dtype); the sizes are
-    dynamic, so a pattern compiles once whatever the sizes."""
+    dynamic, so a pattern compiles once whatever the sizes. None for a new pattern of more than
+    one tensor once :data:`MAX_KERNELS` kernels exist (run the pack tensor by tensor)."""
     key = (precond, add_dual, uses_w, in_place, track, pattern)
     fn = _KERNELS.get(key)
+    if fn is None and len(pattern) > 1 and len(_KERNELS) >= MAX_KERNELS:
+        return None
     if fn is None:
         name = f"_pisa_admm_{precond}{'_dual' if add_dual else ''}{'_w' if uses_w else ''}"
         name += f"_{len(_KERNELS)}"

@@ -191,32 +191,44 @@ def test_packs_and_size_patterns() -> None:
     assert pisa.fused.size_pattern([7, 1, pisa.fused.N_COEF]) == (0, -1, -2)
 
 
+def fused_matches_foreach(numels: list[int], seed: int, stance: str = "default") -> None:
+    """SISA (m = 1) on 1-D float64 tensors of these sizes, 3 steps, fused (under ``stance``)
+    against foreach."""
+    dt = torch.float64
+    runs = []
+    for fused in (False, True):
+        gen = torch.Generator().manual_seed(seed)
+        ps = [nn.Parameter(torch.randn(n, generator=gen, dtype=dt)) for n in numels]
+        opt = pisa.SISA(ps, lr=0.02, sigma=2.0, n_workers=1, fused=fused)
+        with torch.compiler.set_stance(stance):
+            train(ps, opt, 0, 3)
+        runs.append([p.detach() for p in ps])
+    assert_close(*runs, dt)
+
+
 def test_a_pattern_compiles_once_and_equal_sizes_are_kept_apart() -> None:
     """Packs with the sizes' pattern of a compiled pack reuse its graph whatever the sizes
     (no compilation: the stance raises on one); another pattern gets its own kernel, and every
     pack follows the foreach path."""
-    dt = torch.float64
-
-    def build(numels: list[int], seed: int) -> list[nn.Parameter]:
-        gen = torch.Generator().manual_seed(seed)
-        return [nn.Parameter(torch.randn(n, generator=gen, dtype=dt)) for n in numels]
-
-    def both(numels: list[int], seed: int, stance: str = "default") -> None:
-        runs = []
-        for fused in (False, True):
-            ps = build(numels, seed)
-            opt = pisa.SISA(ps, lr=0.02, sigma=2.0, n_workers=1, fused=fused)
-            with torch.compiler.set_stance(stance):
-                train(ps, opt, 0, 3)
-            runs.append([p.detach() for p in ps])
-        assert_close(*runs, dt)
-
-    both([30, 30, 12, 5], 0)  # pattern (0, 0, 2, 3)
+    fused_matches_foreach([30, 30, 12, 5], 0)  # pattern (0, 0, 2, 3)
     kernels = len(pisa.fused._KERNELS)
-    both([20, 20, 7, 6], 1, "fail_on_recompile")  # same pattern, other sizes
+    fused_matches_foreach([20, 20, 7, 6], 1, "fail_on_recompile")  # same pattern, other sizes
     assert len(pisa.fused._KERNELS) == kernels
-    both([20, 7, 7, 6], 2)  # (0, 1, 1, 3): a kernel of its own
+    fused_matches_foreach([20, 7, 7, 6], 2)  # (0, 1, 1, 3): a kernel of its own
     assert len(pisa.fused._KERNELS) == kernels + 1
+
+
+def test_new_patterns_beyond_the_kernel_limit_run_tensor_by_tensor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once ``MAX_KERNELS`` kernels exist, a pack of a new size pattern is not compiled: its
+    tensors take the single-tensor kernels (compiled for the first model), same weights as the
+    foreach path, and no kernel is added."""
+    fused_matches_foreach([13, 17, 19], 0)  # packs of 2 and 1: compiles the single-tensor kernel
+    monkeypatch.setattr(pisa.fused, "MAX_KERNELS", len(pisa.fused._KERNELS))
+    kernels = dict(pisa.fused._KERNELS)
+    fused_matches_foreach([23, 23, 29, 31], 1, "fail_on_recompile")  # pattern (0, 0, 2, 3): no room
+    assert kernels == pisa.fused._KERNELS
 
 
 def test_inside_a_compiled_training_step() -> None:
