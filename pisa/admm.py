@@ -687,9 +687,9 @@ class PISA(Optimizer):
         """Values of the last completed round: ``primal_residual``
         ``= sqrt(sum_i alpha_i ||w_i - w||^2)``, ``dual_norm = sqrt(sum_i alpha_i ||pi_i||^2)``
         (over the parameters the workers stepped; NaN for a round run with
-        ``track_residuals=False``), and
-        ``sigma`` / ``rho`` of the first group. Calling it synchronises the device; in virtual
-        mode the first call after a round reads the duals for ``dual_norm``."""
+        ``track_residuals=False``), and ``sigma`` / ``rho`` of the first group. Calling it
+        synchronises the device; in virtual mode the first call after a round reads the duals for
+        ``dual_norm``."""
         self._dual_norm_now()
         out: dict[str, float] = {}
         for key in ("primal_residual", "dual_norm"):
@@ -1425,21 +1425,22 @@ class PISA(Optimizer):
         flat = pfused.flat
         for in_place, idx in fused.items():
             uses_w = in_place or kc != 0.0 or kd != 0.0
-            todo = [idx[pack] for pack in pfused.packs(len(idx), self.fused_max_pack)]
-            at = 0
-            while at < len(todo):
-                js = todo[at]
-                at += 1
-                pattern = pfused.size_pattern([params[j].numel() for j in js])
-                kernel = pfused.admm_kernel(kind, add_dual, uses_w, in_place, tel is not None,
-                                            pattern)
-                if kernel is None:  # no room for a new pack kernel: tensor by tensor
-                    todo[at:at] = [[j] for j in js]
-                    continue
-                kernel([flat(params[j]) for j in js], [flat(d[j]) for j in js],
-                       [flat(pi_all[j]) for j in js],
-                       None if v_all is None else [flat(v_all[j]) for j in js],
-                       None if in_place else [flat(targets[j]) for j in js], tel, hp)
+            variant = (kind, add_dual, uses_w, in_place, tel is not None)
+            for pack in pfused.packs(len(idx), self.fused_max_pack):
+                js = idx[pack]
+                kernel = pfused.admm_kernel(
+                    *variant, pfused.size_pattern([params[j].numel() for j in js]))
+                # no room for a new pack kernel: tensor by tensor (single-tensor kernels)
+                calls = [(kernel, js)] if kernel is not None else [
+                    (pfused.admm_kernel(*variant, pfused.size_pattern([params[j].numel()])), [j])
+                    for j in js
+                ]
+                for kern, sub in calls:
+                    assert kern is not None  # a single tensor always gets its kernel
+                    kern([flat(params[j]) for j in sub], [flat(d[j]) for j in sub],
+                         [flat(pi_all[j]) for j in sub],
+                         None if v_all is None else [flat(v_all[j]) for j in sub],
+                         None if in_place else [flat(targets[j]) for j in sub], tel, hp)
         if rest:
             sub_p = [params[j] for j in rest]
             sub_w = {key: [lst[j] for j in rest] for key, lst in wstate.items()}
@@ -1474,9 +1475,9 @@ class PISA(Optimizer):
         if self._tel_partial is not None:  # a tracked round
             primal_sq, dual_sq = self._tel_partial
             self._tel_last["primal_residual"] = primal_sq.clamp_min(0).sqrt()
-            if self._distributed:  # virtual mode: computed when read (_dual_norm_now)
+            if self._distributed:
                 self._tel_last["dual_norm"] = dual_sq.clamp_min(0).sqrt()
-            else:
+            else:  # virtual mode: computed when read (_dual_norm_now)
                 self._dual_pending = self._round_duals
         self._round_duals = []
         self._tel_partial = None
