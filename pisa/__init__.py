@@ -4,7 +4,7 @@
 :class:`pisa.PISA` for the round, the step-size convention and virtual / distributed workers.
 """
 
-from . import distributed, fused, newton_schulz, preconditioners
+from . import cpu_kernel, distributed, fused, newton_schulz, preconditioners
 from .admm import PISA
 from .newton_schulz import NS_COEFFICIENTS, orthogonalize
 from .nsisa import NSISA
@@ -43,6 +43,7 @@ __all__ = [
     "NoHiddenMatrices",
     "Preconditioner",
     "SecondMoment",
+    "cpu_kernel",
     "distributed",
     "fused",
     "hutchinson_diagonal",

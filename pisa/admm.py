@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from . import cpu_kernel
 from . import distributed as pdist
 from . import fused as pfused
 from .chunking import chunks, resolve_chunk_size
@@ -298,25 +299,27 @@ class PISA(Optimizer):
             group; ``False``: one tensor at a time (lower peak memory; same result).
         fused: ``True``: the elementwise part of the step (direction ``g + pi`` and coupled decay,
             the identity / second-moment / ``|s|`` preconditioner, the ADMM update, the telemetry
-            sums) runs as ``torch.compile``'d kernels, one compiled call per pack of up to 32
-            parameter tensors (:mod:`pisa.fused`: C++ on CPU, Triton on CUDA), which read and write
-            each state tensor once. Same result as the foreach path up to rounding (float64 within
-            ``1e-12``, float32 within ``1e-6`` relative after 100 steps; bfloat16 / float16 are
-            computed in float32 and rounded once, so they differ by their own rounding); the state
-            and ``state_dict`` are the same, so checkpoints move between the two paths. The first
-            step compiles (for GPT-2 124M about 30 s on CPU, once per process and then from
-            inductor's disk cache; a pack compiles once per variant, dtype and pattern of equal
-            sizes, whatever the sizes; past 64 pack kernels, tensor by tensor); ``lr`` and the other
-            group keys are passed as data, so schedulers do not recompile. ``None`` (default) /
-            ``False``: the foreach path on every device, as ``torch.optim`` (which also never picks
-            ``fused`` by itself): compiling costs more than it saves on small models and needs a C++
-            compiler on CPU. Tensors with fewer than ``fused_min_numel`` (class attribute, 2^14)
-            elements and non-contiguous ones take the foreach path (packing GPT-2's ~100 vectors as
-            well made its step slower and its compilation longer). Preconditioners without a fused
-            form (Hutchinson, custom ones) and NSISA's Newton-Schulz direction run as before; NSISA
-            fuses its vectors' SISA step and the update after the direction. Not with
-            ``foreach=True``. A group key, but an implementation choice: :meth:`load_state_dict`
-            keeps this optimizer's value.
+            sums) runs as one compiled loop per tensor that reads and writes each state tensor
+            once. On CPU (float32 / float64): a C++ kernel (:mod:`pisa.cpu_kernel`), one call per
+            step for every contiguous tensor, built with the machine's compiler on first use (a
+            few seconds, once per machine; where it cannot be built, inductor's kernels). On CUDA
+            (and CPU's other dtypes): ``torch.compile``'d kernels (:mod:`pisa.fused`), one call
+            per pack of up to 32 tensors; the first step compiles (for GPT-2 124M about 30 s, once
+            per process and then from inductor's disk cache; a pack compiles once per variant,
+            dtype and pattern of equal sizes, whatever the sizes; past 64 pack kernels, tensor by
+            tensor), and tensors with fewer than ``fused_min_numel`` (class attribute, 2^14)
+            elements take the foreach path. Same result as the foreach path up to rounding
+            (float64 within ``1e-12``, float32 within ``1e-6`` relative after 100 steps;
+            bfloat16 / float16 are computed in float32 and rounded once, so they differ by their
+            own rounding); the state and ``state_dict`` are the same, so checkpoints move between
+            the paths. ``lr`` and the other group keys are passed as data, so schedulers do not
+            recompile. ``None`` (default) / ``False``: the foreach path on every device, as
+            ``torch.optim`` (which also never picks ``fused`` by itself): a compiled step needs a
+            compiler and costs its first step. Non-contiguous tensors take the foreach path.
+            Preconditioners without a fused form (Hutchinson, custom ones) and NSISA's
+            Newton-Schulz direction run as before; NSISA fuses its vectors' SISA step and the
+            update after the direction. Not with ``foreach=True``. A group key, but an
+            implementation choice: :meth:`load_state_dict` keeps this optimizer's value.
         none_grad: ``"skip"`` (default) or ``"zero"``, see above.
         check_distributed: at the first distributed step, raise when the ranks' parameters differ
             or their gradients are identical (averaged by DDP / accelerate).
@@ -379,6 +382,9 @@ class PISA(Optimizer):
     #: ``fused=True``: most tensors per compiled call (:func:`pisa.fused.packs`; 1: one call per
     #: tensor)
     fused_max_pack: int = pfused.MAX_PACK
+    #: ``fused=True`` on CPU: ``"cpp"``, the C++ kernel (:mod:`pisa.cpu_kernel`) for float32 and
+    #: float64 tensors (inductor's kernels where it cannot be built), or ``"inductor"``
+    fused_cpu_backend: str = "cpp"
 
     def __init__(
         self,
@@ -1408,20 +1414,38 @@ class PISA(Optimizer):
         coef[pfused.A_PI], coef[pfused.A_E] = alpha_t * inv_sigma, -2.0 * alpha_t * lr / k
         coef[pfused.A_DUAL], coef[pfused.T_E] = -c / k, alpha * (lr / k) ** 2
         device = params[0].device
-        hp = torch.tensor(coef, dtype=torch.float64, device=device)
         tel = None if self._tel_partial is None else self._tel_partial[0]
         pi_all = wstate["dual"]
         v_all = wstate.get("exp_avg_sq") if kind == "second_moment" else None
         rest: list[int] = []  # small or non-contiguous tensors: the foreach path
         fused: dict[bool, list[int]] = {True: [], False: []}  # by "the target is w"
+        native: dict[tuple[torch.dtype, bool], list[int]] = {}  # the C++ kernel's, by dtype too
+        lib = (cpu_kernel.library()
+               if device.type == "cpu" and self.fused_cpu_backend == "cpp" else None)
         for j, (p, dj, pi, tgt) in enumerate(zip(params, d, pi_all, targets)):
             tensors = [p, dj, pi] + ([] if v_all is None else [v_all[j]]) + [tgt]
-            if p.numel() < max(1, self.fused_min_numel) or not all(
-                x.is_contiguous() for x in tensors
+            if not all(x.is_contiguous() for x in tensors):
+                rest.append(j)
+            elif lib is not None and p.dtype in cpu_kernel.DTYPES and all(
+                x.dtype == p.dtype for x in tensors
             ):
+                native.setdefault((p.dtype, tgt is p), []).append(j)
+            elif p.numel() < max(1, self.fused_min_numel):
                 rest.append(j)
             else:
                 fused[tgt is p].append(j)
+        for (_, in_place), js in native.items():
+            assert lib is not None
+            flags = ((cpu_kernel.DUAL if add_dual else 0) | (cpu_kernel.COUPLED if kc else 0)
+                     | (cpu_kernel.DECOUPLED if kd else 0)
+                     | (cpu_kernel.TRACK if tel is not None else 0))
+            sq = cpu_kernel.admm(
+                lib, [params[j] for j in js], [d[j] for j in js], [pi_all[j] for j in js],
+                None if v_all is None else [v_all[j] for j in js],
+                None if in_place else [targets[j] for j in js], coef, kind, flags)
+            if tel is not None:
+                tel += coef[pfused.T_E] * sq
+        hp = torch.tensor(coef, dtype=torch.float64, device=device) if any(fused.values()) else None
         flat = pfused.flat
         for in_place, idx in fused.items():
             uses_w = in_place or kc != 0.0 or kd != 0.0

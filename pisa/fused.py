@@ -1,4 +1,6 @@
-r"""The compiled (``fused=True``) elementwise step of PISA, SISA and NSISA.
+r"""The compiled (``fused=True``) elementwise step of PISA, SISA and NSISA: inductor's kernels
+(CUDA; on CPU :mod:`pisa.cpu_kernel` runs the same loop in C++, and these kernels only where it
+cannot, or with ``PISA.fused_cpu_backend = "inductor"``).
 
 Everything of a worker's local step after the direction is elementwise: per parameter tensor
 one loop of a ``torch.compile``'d graph (inductor: C++/OpenMP on CPU, Triton on CUDA) reads

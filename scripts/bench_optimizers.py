@@ -14,15 +14,18 @@ Optimizers (one worker, ``n_workers = 1``; library defaults otherwise):
 * ``adamw_foreach`` / ``adamw_fused``: ``torch.optim.AdamW(foreach=True)`` / ``(fused=True)``;
 * ``pisa`` (identity preconditioner), ``sisa``, ``sisa_no_telemetry`` (``track_residuals=False``)
   on every parameter; ``pisa_fused``, ``sisa_fused``, ``sisa_fused_no_telemetry``: the same with
-  ``fused=True`` (the compiled elementwise step, :mod:`pisa.fused`: one compiled call per pack of
-  up to 32 tensors); ``sisa_fused_per_tensor``: ``sisa_fused`` with one compiled call per tensor
-  (``fused_max_pack = 1``);
+  ``fused=True`` (the compiled elementwise step: on CPU the C++ kernel, :mod:`pisa.cpu_kernel`,
+  one call per step; on CUDA inductor's, :mod:`pisa.fused`: one compiled call per pack of up to
+  32 tensors); ``sisa_fused_inductor``: ``sisa_fused`` with inductor's kernels on CPU too
+  (``fused_cpu_backend = "inductor"``); ``sisa_fused_per_tensor``: that with one compiled call per
+  tensor (``fused_max_pack = 1``);
 * ``muon``: ``torch.optim.Muon`` on the hidden 2-D matrices + ``AdamW(foreach=True)`` on the rest
   (embeddings, head, vectors, the patch convolution), routed by
   :func:`pisa.split_hidden_matrices` and wrapped in :class:`pisa.Hybrid`, as the project's Muon
   baseline;
-* ``nsisa_fused``: ``nsisa_fp32`` with ``fused=True`` (the update after the direction and the
-  vectors' step compiled; the Newton-Schulz iteration as before);
+* ``nsisa_fused`` / ``nsisa_bf16_fused``: ``nsisa_fp32`` / ``nsisa_bf16`` with ``fused=True``
+  (the update after the direction and the vectors' step compiled; the Newton-Schulz iteration
+  as before);
 * ``nsisa``: :func:`pisa.hybrid_nsisa` with the same routing (Newton-Schulz in the default
   dtype: bfloat16 on accelerators, float32 on CPU); ``nsisa_bf16`` / ``nsisa_fp32``: the
   iteration in bfloat16 (the dtype torch Muon always uses) / float32. The default list measures
@@ -172,9 +175,11 @@ def optimizer_factories(device: torch.device) -> dict[str, Callable[[nn.Module],
             **kw,
         )
 
-    def sisa_per_tensor(model: nn.Module) -> pisa.SISA:
+    def sisa_inductor(model: nn.Module, per_tensor: bool = False) -> pisa.SISA:
         opt = pisa.SISA(model.parameters(), lr=lr, sigma=1.0, fused=True)
-        opt.fused_max_pack = 1  # one compiled call per tensor (before packs)
+        opt.fused_cpu_backend = "inductor"  # inductor's kernels also on CPU
+        if per_tensor:
+            opt.fused_max_pack = 1  # one compiled call per tensor (before packs)
         return opt
 
     out: dict[str, Callable[[nn.Module], Any]] = {
@@ -189,12 +194,14 @@ def optimizer_factories(device: torch.device) -> dict[str, Callable[[nn.Module],
         "sisa_fused_no_telemetry": lambda m: pisa.SISA(
             m.parameters(), lr=lr, sigma=1.0, track_residuals=False, fused=True
         ),
-        "sisa_fused_per_tensor": sisa_per_tensor,
+        "sisa_fused_inductor": sisa_inductor,
+        "sisa_fused_per_tensor": lambda m: sisa_inductor(m, per_tensor=True),
         "muon": muon,
         "nsisa": nsisa,
         "nsisa_bf16": lambda m: nsisa(m, ns_dtype=torch.bfloat16),
         "nsisa_fp32": lambda m: nsisa(m, ns_dtype=torch.float32),
         "nsisa_fused": lambda m: nsisa(m, ns_dtype=torch.float32, fused=True),
+        "nsisa_bf16_fused": lambda m: nsisa(m, ns_dtype=torch.bfloat16, fused=True),
     }
     if fused_adamw_supported(device):
         out["adamw_fused"] = lambda m: adamw(m, fused=True)

@@ -375,16 +375,16 @@ def test_foreach_false_gives_the_same_weights(name: str, m: int) -> None:
 
 @pytest.mark.parametrize(("name", "m"), CASES, ids=IDS)
 def test_fused_accepts_every_optimizer(name: str, m: int) -> None:
-    """``fused=True`` on these tiny tensors (below ``fused_min_numel``) takes the foreach path:
-    the same weights bit for bit, and nothing is compiled (tests/test_pisa_fused.py compares the
-    compiled kernels)."""
+    """``fused=True`` on these tiny float32 tensors runs the C++ CPU kernel (nothing compiled by
+    ``torch.compile``): the weights of the foreach path up to float32 rounding
+    (tests/test_pisa_fused.py compares the kernels in depth)."""
     runs = []
     for fused in (None, True):
         model, opt = build(name, m, fused=fused)
         with torch.compiler.set_stance("fail_on_recompile"):
             train(model, opt, 0, 3 * m)
         runs.append(weights(model))
-    assert_same(*runs)
+    assert_same(*runs, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["sisa", "nsisa", "pisa"])

@@ -1,18 +1,23 @@
-"""``fused=True`` (the compiled elementwise step, :mod:`pisa.fused`) against the foreach path.
+"""``fused=True`` (the compiled elementwise step: the C++ CPU kernel, :mod:`pisa.cpu_kernel`, and
+inductor's kernels, :mod:`pisa.fused`) against the foreach path.
 
 Same weights and state as the foreach reference (float64 within 1e-12, float32 within 1e-6
 relative, over 100 rounds), at m = 1 and m = 4 virtual workers, for SISA and PISA with weight
 decay and L2; checkpoints move between the two paths in both directions; schedulers (``lr``,
 ``beta``) and new tensor sizes do not recompile (``torch.compiler.set_stance("fail_on_recompile")``
-raises on any compilation); NSISA, Hybrid and distributed workers. Tensors are tiny: each kernel
-variant compiles once per process (a few seconds, cached by inductor on disk), and the tests are
-arranged so that they share variants.
+raises on any compilation); NSISA, Hybrid and distributed workers. Tests run inductor's kernels
+(CUDA's path, and CPU's where the C++ kernel cannot be built) unless they take the ``backend``
+fixture, which runs them with each. Tensors are tiny: each inductor kernel variant compiles once
+per process (a few seconds, cached by inductor on disk), and the tests are arranged so that they
+share variants.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,8 +35,19 @@ DEFAULT_MIN_NUMEL = pisa.PISA.fused_min_numel
 
 @pytest.fixture(autouse=True)
 def _every_tensor_fused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tensors here are tiny: lower the size below which the foreach path is taken."""
+    """The tensors here are tiny: lower the size below which inductor's path takes the foreach
+    path; inductor's kernels unless a test takes ``backend``."""
     monkeypatch.setattr(pisa.PISA, "fused_min_numel", 1)
+    monkeypatch.setattr(pisa.PISA, "fused_cpu_backend", "inductor")
+
+
+@pytest.fixture(params=["cpp", "inductor"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each CPU kernel in turn (the C++ one must build here: the machine has a compiler)."""
+    if request.param == "cpp":
+        assert pisa.cpu_kernel.library() is not None
+    monkeypatch.setattr(pisa.PISA, "fused_cpu_backend", request.param)
+    return request.param
 
 ROUNDS = 100
 SHAPES = [(6, 5), (5,), (3, 2, 2)]  # no 1-element tensor: it compiles its own graph
@@ -97,7 +113,7 @@ CASES = [("sisa", 1, torch.float64), ("sisa", 4, torch.float64), ("sisa", 1, tor
 
 @pytest.mark.parametrize(("name", "m", "dtype"), CASES,
                          ids=[f"{n}_m{m}_{str(d)[-7:]}" for n, m, d in CASES])
-def test_fused_matches_foreach(name: str, m: int, dtype: torch.dtype) -> None:
+def test_fused_matches_foreach(name: str, m: int, dtype: torch.dtype, backend: str) -> None:
     """Weights within the tolerance; the state (dual, second moment) too in float64. In float32
     the dual (an average of gradients that partly cancel) carries the rounding of 100 steps at
     ~1e-6 in both paths, so there the fused state must be as close to the float64 run as the
@@ -124,7 +140,7 @@ def test_fused_matches_foreach(name: str, m: int, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("m", [1, 4])
-def test_telemetry_with_float64_default_dtype(m: int) -> None:
+def test_telemetry_with_float64_default_dtype(m: int, backend: str) -> None:
     """With ``torch.set_default_dtype(torch.float64)`` the round's sums are 0-d float64 tensors,
     which inductor (torch 2.13, CPU) does not write back when a compiled graph adds a reduction
     to one in place: the fused primal residual must still equal the foreach one."""
@@ -249,7 +265,7 @@ def test_inside_a_compiled_training_step() -> None:
 
 
 @pytest.mark.parametrize("direction", ["foreach_to_fused", "fused_to_foreach"])
-def test_state_dict_moves_between_paths(direction: str) -> None:
+def test_state_dict_moves_between_paths(direction: str, backend: str) -> None:
     """A checkpoint taken inside a round by one path continues in the other as in the first,
     and the loading optimizer keeps its own ``fused``."""
     dt, m = torch.float64, 4
@@ -273,9 +289,13 @@ def test_state_dict_moves_between_paths(direction: str) -> None:
     assert_close(state_tensors(opt, ps), state_tensors(opt_c, ps_c), dt)
 
 
-def test_small_non_contiguous_zero_dim_and_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tensors below ``fused_min_numel`` (by default: all of these) and non-contiguous or empty
-    ones take the foreach path (bit for bit); a 0-d one is fused."""
+def test_small_non_contiguous_zero_dim_and_empty(
+    monkeypatch: pytest.MonkeyPatch, backend: str,
+) -> None:
+    """Inductor's path: tensors below ``fused_min_numel`` (by default: all of these) and
+    non-contiguous or empty ones take the foreach path (bit for bit); a 0-d one is fused. The
+    C++ kernel takes every contiguous tensor, whatever its size (the non-contiguous one takes
+    the foreach path)."""
     dt = torch.float64
 
     def build() -> list[nn.Parameter]:
@@ -283,7 +303,8 @@ def test_small_non_contiguous_zero_dim_and_empty(monkeypatch: pytest.MonkeyPatch
         return [nn.Parameter(base[0].detach().t()), nn.Parameter(base[1].detach()[0].clone()),
                 nn.Parameter(torch.zeros(0, 3, dtype=dt)), base[2]]
 
-    for min_numel, tol in ((DEFAULT_MIN_NUMEL, 0.0), (1, TOL[dt])):
+    for min_numel, tol in ((DEFAULT_MIN_NUMEL, 0.0 if backend == "inductor" else TOL[dt]),
+                           (1, TOL[dt])):
         monkeypatch.setattr(pisa.PISA, "fused_min_numel", min_numel)
         runs = []
         for fused in (False, True):
@@ -327,7 +348,7 @@ def run_net(name: str, rank: int | None, fused: bool, rounds: int = 5) -> list[t
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_nsisa_and_hybrid_fused_match_foreach() -> None:
+def test_nsisa_and_hybrid_fused_match_foreach(backend: str) -> None:
     """NSISA's vectors (SISA step) and the update after its Newton-Schulz direction, inside
     Hybrid, with a scheduler."""
     assert_close(run_net("hybrid", None, False), run_net("hybrid", None, True), torch.float64)
@@ -344,15 +365,120 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.distributed
-def test_distributed_fused_equals_virtual_foreach(tmp_path: Path) -> None:
+def test_distributed_fused_equals_virtual_foreach(tmp_path: Path, backend: str) -> None:
     reference = run_net("sisa", None, False)
-    run_net("sisa", None, True)  # compiles here; forked children inherit the kernels
+    run_net("sisa", None, True)  # compiles here; forked children inherit the kernels (and
+    # the backend)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD,
                        join=True, start_method=method)
     for r in range(WORLD):
         assert_close(reference, torch.load(tmp_path / f"rank{r}.pt", weights_only=True),
                      torch.float64)
+
+
+# ------------------------------------------------------------------ the C++ CPU kernel
+def foreach_and_cpp(ps_of, name: str, m: int, calls: int) -> tuple[list, list]:
+    """Weights and telemetry of the foreach path and of ``fused=True`` (the C++ kernel)."""
+    out = []
+    for fused in (False, True):
+        ps = ps_of()
+        opt = make(name, ps, m, fused=fused)
+        train(ps, opt, 0, calls)
+        out.append(([p.detach().clone() for p in ps], opt.telemetry()))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize(("name", "m"), [("sisa", 1), ("sisa", 4), ("pisa", 1)])
+def test_cpp_kernel_takes_every_contiguous_tensor(
+    monkeypatch: pytest.MonkeyPatch, name: str, m: int,
+) -> None:
+    """With the C++ kernel no inductor kernel is asked for, tiny tensors included (the default
+    ``fused_min_numel``), and the weights follow the foreach path."""
+    monkeypatch.setattr(pisa.PISA, "fused_cpu_backend", "cpp")
+    monkeypatch.setattr(pisa.PISA, "fused_min_numel", DEFAULT_MIN_NUMEL)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an inductor kernel was asked for")
+
+    monkeypatch.setattr(pisa.fused, "admm_kernel", refuse)
+    (w_ref, tel_ref), (w_cpp, tel_cpp) = foreach_and_cpp(lambda: params(torch.float64), name, m,
+                                                         5 * m)
+    assert_close(w_ref, w_cpp, torch.float64)
+    assert tel_cpp["primal_residual"] == pytest.approx(tel_ref["primal_residual"], rel=1e-6)
+
+
+def test_cpp_kernel_threads_do_not_change_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors of more than 16 blocks (with a partial last block) run on 2 threads: the same
+    weights bit for bit as on 1 thread, and as the foreach path within the tolerance."""
+    monkeypatch.setattr(pisa.PISA, "fused_cpu_backend", "cpp")
+    dt = torch.float32
+
+    def big() -> list[nn.Parameter]:
+        gen = torch.Generator().manual_seed(7)
+        return [nn.Parameter(torch.randn(s, generator=gen).to(dt)) for s in [(40_000,), (300, 170)]]
+
+    runs = {}
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs[threads] = foreach_and_cpp(big, "sisa", 4, 8)
+    finally:
+        torch.set_num_threads(previous)
+    (w_ref, _), (w_1, tel_1) = runs[1]
+    _, (w_2, tel_2) = runs[2]
+    assert all(torch.equal(x, y) for x, y in zip(w_1, w_2))
+    assert tel_2["primal_residual"] == pytest.approx(tel_1["primal_residual"], rel=1e-6)
+    assert_close(w_ref, w_1, dt)
+
+
+BUILD_AND_STEP = """
+import torch, pisa
+assert pisa.cpu_kernel.library() is not None
+p = torch.nn.Parameter(torch.arange(6.0))
+p.grad = torch.ones(6)
+pisa.SISA([p], lr=0.1, fused=True).step()
+print(p.detach().tolist())
+"""
+
+
+def test_cpp_kernel_builds_once_for_concurrent_processes(tmp_path: Path) -> None:
+    """Two processes build into an empty cache at the same time: both load a whole library and
+    step alike; one library remains, and no temporary file."""
+    env = {**os.environ, "PISA_KERNEL_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_AND_STEP], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    assert outs[0][0] == outs[1][0]
+    assert [f.name.startswith("admm_cpu_") for f in tmp_path.iterdir()] == [True]
+
+
+def test_cpp_kernel_rebuilds_a_damaged_library_and_falls_back_without_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cached library that does not load is rebuilt; a compiler that fails gives one warning and
+    inductor's kernels (same weights as the foreach path)."""
+    monkeypatch.setenv("PISA_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(pisa.PISA, "fused_cpu_backend", "cpp")
+    # built by another process (a library loaded here must not be overwritten under it)
+    subprocess.run([sys.executable, "-c", BUILD_AND_STEP], check=True, timeout=300,
+                   capture_output=True)
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(b"not a library")
+    library = pisa.cpu_kernel.library
+    library.cache_clear()
+    try:
+        assert library() is not None and path.stat().st_size > 1000
+        library.cache_clear()
+        monkeypatch.setenv("CXX", "false")
+        with pytest.warns(RuntimeWarning, match="could not be built"):
+            assert library() is None
+        (w_ref, _), (w_fused, _) = foreach_and_cpp(lambda: params(torch.float64), "sisa", 1, 3)
+        assert_close(w_ref, w_fused, torch.float64)
+    finally:
+        library.cache_clear()
 
 
 @pytest.mark.parametrize(
