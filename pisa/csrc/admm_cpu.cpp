@@ -25,7 +25,7 @@ enum : int { KC, BETA, ONE_MINUS_BETA, QSHIFT, KDK, A_PI, A_E, A_DUAL };
 template <typename T>
 using Update = double (*)(T*, const T*, T*, T*, T*, int64_t, const double*, int);
 
-// elements per block: a thread's unit of work, and the span of the buffer of e^2 (in L1)
+// elements per block: the unit of work a thread takes
 constexpr int64_t BLOCK = 2048;
 
 template <typename T, int P, int F>
