@@ -232,12 +232,30 @@ def git_state(repo: Path) -> dict[str, Any]:
     return {"git_sha": sha, "git_dirty": dirty}
 
 
+def cpu_description() -> str:
+    """The CPU's model, the instruction set torch's CPU kernels dispatch to, and the cores: the
+    same run on another CPU rounds differently (kernels chosen by instruction set), which can move
+    a trajectory, so a record names its CPU."""
+    import torch  # here: the record's writers import torch anyway, its readers need not
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
+
+
 def run_meta(device: str, repo: Path) -> dict[str, Any]:
     return {
         **git_state(repo),
         "packages": package_versions(),
         "python": platform.python_version(),
         "device": device,
+        "cpu": cpu_description(),
         "host": socket.gethostname(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -465,3 +465,18 @@ def test_family_of_old_records_follows_the_optimizer_class(tmp_path):
 
 def families(runs: pd.DataFrame) -> dict[str, str | None]:
     return {o: None if pd.isna(f) else f for o, f in zip(runs["optim"], runs["family"])}
+
+
+def test_artefact_hardware_names_the_cpu_where_recorded() -> None:
+    """An artefact's hardware line: each device with the CPU its records name; records without
+    ``meta.cpu`` (written before it) give the device alone."""
+    import pandas as pd
+
+    from pisa_bench.analysis.artefact import hardware
+
+    epyc = "EPYC (AVX512, 2 cores)"
+    rows = pd.DataFrame({"meta.device": ["cpu", "cpu", "cpu", None],
+                         "meta.cpu": [epyc, None, epyc, "x"]})
+    assert hardware(rows) == ["cpu", "cpu (EPYC (AVX512, 2 cores))"]
+    assert hardware(rows.drop(columns="meta.cpu")) == ["cpu"]
+    assert hardware(pd.DataFrame()) == []

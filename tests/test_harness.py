@@ -113,6 +113,10 @@ def test_resume_continuity(optim: str, run_cfg, tmp_path: Path) -> None:
     assert resumed["steps"] == full["steps"] == 6
     meta = json.loads((resumed_dir / "meta.json").read_text())
     assert len(meta["resumes"]) == 1
+    # the record names its CPU and the instruction set torch's kernels use
+    import torch
+
+    assert f"({torch.backends.cpu.get_cpu_capability()}, " in meta["cpu"]
 
 
 def test_round_telemetry_is_summed_for_logged_rounds_only(

@@ -47,6 +47,15 @@ ROLE_NAMES = {"tuned": "tuned", "paper": "paper settings"}
 
 
 # --- tables of runs ---------------------------------------------------------------------------
+def hardware(rows: pd.DataFrame) -> list[str]:
+    """The runs' devices, each with its CPU where the record names it (``meta.cpu``)."""
+    if "meta.device" not in rows:
+        return []
+    cpus = rows["meta.cpu"] if "meta.cpu" in rows else pd.Series(index=rows.index, dtype=object)
+    return sorted({str(d) if pd.isna(c) else f"{d} ({c})"
+                   for d, c in zip(rows["meta.device"], cpus) if not pd.isna(d)})
+
+
 def val_columns(curves: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Per run_dir: ``final_val_metric`` (last ``val_<metric>`` row) and ``best_val_metric``."""
     cols = ["run_dir", "final_val_metric", "best_val_metric"]
@@ -358,7 +367,7 @@ def render_protocol(proto: Protocol, out_dir: str | os.PathLike, artefact: str,
                      "references": list(proto.spec.references),
                      "adopt_ignore": list(proto.spec.adopt_ignore),
                      "speed_reference": proto.spec.speed_reference},
-        "hardware": sorted({str(d) for d in rows.get("meta.device", pd.Series()).dropna()}),
+        "hardware": hardware(rows),
         "edge": {f"{a.task}/{a.label}": a.at_edge for a in proto.arms if a.at_edge},
         "extra_trials": {f"{a.task}/{a.label}": a.extra for a in proto.arms if a.extra},
     }
