@@ -24,7 +24,7 @@ from pisa_bench.launch.plan import expand, plan
 from pisa_bench.launch.reproduce import main as reproduce
 from pisa_bench.launch.reproduce import relabel
 from pisa_bench.record import run_dir_for
-from pisa_bench.rundir import atomic_write_json, read_json
+from pisa_bench.rundir import atomic_write_json, cpu_description, read_json
 
 REPO = CONF_DIR.parent
 
@@ -54,6 +54,7 @@ def test_quickstart_smoke_runs_renders_and_then_skips(tmp_path: Path, capsys) ->
     assert {(r["claim"], r["role"]) for r in verdict["records"]} == {("sisa", "paper"),
                                                                       ("nsisa", "paper")}
     assert all(len(r["comparisons"]) == 2 for r in verdict["records"])  # vs adamw, muon
+    assert verdict["hardware"] == [f"cpu ({cpu_description()})"]  # the records' CPU
     assert "quickstart_mnist / sisa (paper settings):" in first  # the verdict is printed
     assert (report / "curves_steps.png").stat().st_size > 0
     assert "python scripts/reproduce.py quickstart --scale smoke" in (report / "README.md"

@@ -31,7 +31,7 @@ from pisa_bench.rundir import METRIC_COLUMNS, STATUSES, SUMMARY_FIELDS, read_jso
 
 ID_COLUMNS = ("task", "scale", "optim", "seed", "name")
 CURVE_ID_COLUMNS = ("run_dir", *ID_COLUMNS, "status")
-META_FIELDS = ("git_sha", "git_dirty", "device", "host", "start_time", "slurm_job_id")
+META_FIELDS = ("git_sha", "git_dirty", "device", "cpu", "host", "start_time", "slurm_job_id")
 
 
 def find_run_dirs(roots: Iterable[str | os.PathLike]) -> list[Path]:
