@@ -376,8 +376,9 @@ class PISA(Optimizer):
     #: "auto" (CPU: 2^18 elements per 2 threads, so temporaries are reused and stay in cache;
     #: CUDA: whole lists, the multi-tensor kernels and the caching allocator do that already)
     chunk_size: int | str | None = "auto"
-    #: ``fused=True``: tensors with fewer elements take the foreach path (packing them too made
-    #: a GPT-2 step slower and its compilation longer)
+    #: ``fused=True`` on inductor's kernels: tensors with fewer elements take the foreach path
+    #: (packing them too made a GPT-2 step slower and its compilation longer; the C++ CPU kernel
+    #: takes every size)
     fused_min_numel: int = 1 << 14
     #: ``fused=True``: most tensors per compiled call (:func:`pisa.fused.packs`; 1: one call per
     #: tensor)
@@ -1436,13 +1437,11 @@ class PISA(Optimizer):
                 fused[tgt is p].append(j)
         for (_, in_place), js in native.items():
             assert lib is not None
-            flags = ((cpu_kernel.DUAL if add_dual else 0) | (cpu_kernel.COUPLED if kc else 0)
-                     | (cpu_kernel.DECOUPLED if kd else 0)
-                     | (cpu_kernel.TRACK if tel is not None else 0))
             sq = cpu_kernel.admm(
                 lib, [params[j] for j in js], [d[j] for j in js], [pi_all[j] for j in js],
                 None if v_all is None else [v_all[j] for j in js],
-                None if in_place else [targets[j] for j in js], coef, kind, flags)
+                None if in_place else [targets[j] for j in js], coef, kind, dual=add_dual,
+                coupled=kc != 0.0, decoupled=kd != 0.0, track=tel is not None)
             if tel is not None:
                 tel += coef[pfused.T_E] * sq
         hp = torch.tensor(coef, dtype=torch.float64, device=device) if any(fused.values()) else None

@@ -117,16 +117,19 @@ def _pointers(tensors: list[Tensor]) -> ctypes.Array:
 
 def admm(
     lib: ctypes.CDLL, ws: list[Tensor], ds: list[Tensor], pis: list[Tensor],
-    vs: list[Tensor] | None, tgts: list[Tensor] | None, coef: list[float], precond: str,
-    flags: int,
+    vs: list[Tensor] | None, tgts: list[Tensor] | None, coef: list[float], precond: str, *,
+    dual: bool, coupled: bool, decoupled: bool, track: bool,
 ) -> float:
     """One call of the kernel on contiguous CPU tensors of one dtype in :data:`DTYPES` (``vs``:
-    second moment only; ``tgts`` None: ``w`` in place); returns ``sum(e^2)`` when ``flags``
-    has :data:`TRACK`, else 0."""
+    second moment only; ``tgts`` None: ``w`` in place; ``dual``: ``s = d + pi``; ``coupled`` /
+    ``decoupled``: the weight-decay terms); returns ``sum(e^2)`` when ``track``, else 0."""
+    flags = ((DUAL if dual else 0) | (COUPLED if coupled else 0)
+             | (DECOUPLED if decoupled else 0) | (TARGET if tgts is not None else 0)
+             | (TRACK if track else 0))
     k = len(ws)
     fn = getattr(lib, DTYPES[ws[0].dtype])
     numels = (ctypes.c_int64 * k)(*[w.numel() for w in ws])
     return fn(k, _pointers(ws), _pointers(ds), _pointers(pis),
               None if vs is None else _pointers(vs), None if tgts is None else _pointers(tgts),
-              numels, (ctypes.c_double * len(coef))(*coef), PRECONDITIONERS[precond],
-              flags | (0 if tgts is None else TARGET), torch.get_num_threads())
+              numels, (ctypes.c_double * len(coef))(*coef), PRECONDITIONERS[precond], flags,
+              torch.get_num_threads())
