@@ -22,7 +22,8 @@ costs nothing, the loss is read and checked every step.
 
 Services for tasks with their own loop (GAN, RL, federated): :meth:`make_optimizer`,
 :meth:`make_scheduler`, :meth:`optimizer_step` (timed), :meth:`log`, :meth:`record_eval`,
-:meth:`check_finite`, :meth:`load_checkpoint`, :meth:`checkpoint_or_stop` (once per step),
+:meth:`check_finite`, :meth:`watch` / :meth:`read_watched` (losses checked without a device sync
+per step), :meth:`load_checkpoint`, :meth:`checkpoint_or_stop` (once per step),
 :meth:`progress`.
 
 Checkpoints (``ckpt/rank{r}.pt`` and the one before, :mod:`pisa_bench.checkpoints`) are written
@@ -37,7 +38,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ class Trainer:
         self._opt_time = 0.0
         self._opt_steps = 0
         self._opt_events: list[tuple[Any, Any]] = []  # CUDA (start, end) events not yet read
-        self._losses: list[tuple[int, torch.Tensor]] = []  # (step, training loss) not yet read
+        self._watched: list[tuple[int, str, torch.Tensor]] = []  # (step, name, value) not yet read
         self._signals: Any = None
         self._state_fn: Callable[[], dict[str, Any]] | None = None
         self._last_ckpt = (-1, -1, time.monotonic())  # (step, metric rows, time) of the last one
@@ -294,30 +295,33 @@ class Trainer:
             raise Diverged(step, what, value, limit)
 
     def reads_loss_every_step(self) -> bool:
-        """Whether the supervised loop reads (and checks) each step's loss at once: on CPU, where
-        it costs nothing. On GPU the loop reads them at the log / evaluation / checkpoint cadence
-        instead, so it never waits for the device; a non-finite loss still ends the run as
-        diverged at its own step, and no checkpoint is written after it."""
+        """Whether the loops read (and check) each step's watched losses (:meth:`watch`) at once:
+        on CPU, where it costs nothing. On GPU they read them at the log / evaluation / checkpoint
+        cadence instead, so they never wait for the device; a non-finite loss still ends the run
+        as diverged at its own step, and no checkpoint is written after it."""
         return self.device.type != "cuda"
 
-    def watch_loss(self, loss: torch.Tensor) -> None:
-        """Queue this step's training loss (a 0-d tensor, not yet read) for :meth:`read_losses`."""
-        self._losses.append((self.step, loss.detach()))
+    def watch(self, values: Mapping[str, torch.Tensor | float]) -> None:
+        """Queue this step's watched values (0-d tensors, not yet read; a float is accepted) for
+        :meth:`read_watched`."""
+        for name, v in values.items():
+            t = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self._watched.append((self.step, name, t))
 
-    def read_losses(self) -> float:
-        """Read the queued training losses (one device-to-host copy; under torchrun one
-        all-reduce, the mean over ranks as one process would log it), check each with
-        :meth:`check_finite` at its own step, and return the last one."""
-        steps, values = zip(*self._losses)
-        t = torch.stack([v.to(torch.float64) for v in values])
+    def read_watched(self) -> dict[str, float]:
+        """Read the queued values (one device-to-host copy; under torchrun one all-reduce, the
+        mean over ranks as one process would log it), check each with :meth:`check_finite` at
+        its own step, and return the last step's."""
+        steps, names, values = zip(*self._watched)
+        t = torch.stack([v.to(self.device, torch.float64) for v in values])
         if self.dist.world > 1:
             dist.all_reduce(t)
             t = t / self.dist.world
-        self._losses.clear()
+        self._watched.clear()
         host = t.tolist()
-        for step, value in zip(steps, host):
-            self.check_finite(value, "training loss", step)
-        return host[-1]
+        for step, name, value in zip(steps, names, host):
+            self.check_finite(value, name, step)
+        return {n: v for s, n, v in zip(steps, names, host) if s == steps[-1]}
 
     def check_metrics(self, metrics: dict[str, float], keys: Iterable[str] | None = None) -> None:
         """:meth:`check_finite` on every entry of ``metrics`` (or on those of ``keys`` it has)."""
@@ -387,8 +391,8 @@ class Trainer:
         """Save ``state`` (models, optimizers, ...), the trainer position, RNG and the metric rows
         so far (two checkpoints kept; a second signal waits for the write to finish). Losses
         not yet read are checked first: a checkpoint never holds a diverged state."""
-        if self._losses:
-            self.read_losses()
+        if self._watched:
+            self.read_watched()
         rec = self.record
         full = {
             "user": state,
@@ -587,11 +591,11 @@ class Trainer:
             self.end_round()
             self.step += 1
             self.samples += n_batch
-            self.watch_loss(loss_sum / len(subs))
+            self.watch({"training loss": loss_sum / len(subs)})
             bar.update(1)
             log_due, eval_due = self.log_due(), self.eval_due()
             if self.reads_loss_every_step() or log_due or eval_due:
-                train_loss = self.read_losses()
+                train_loss = self.read_watched()["training loss"]
             if log_due:
                 row = {"loss": train_loss, "lr": opt.param_groups[0]["lr"]}
                 row.update(round_telemetry(opt))

@@ -145,3 +145,56 @@ def test_training_loss_read_late_still_diverges_at_its_step(
     assert {int(r["step"]) for r in _rows(run_dir)} <= set(range(7))
     loaded, _ = CheckpointStore(run_dir, 0).load(map_location=torch.device("cpu"))
     assert loaded is not None and loaded.step == 4
+
+
+@pytest.mark.parametrize("every_step", [True, False])
+def test_gan_losses_read_late_still_diverge_at_their_step(
+    every_step: bool, run_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GAN loop queues its losses as the supervised loop does: read every step on CPU, at
+    the log / evaluation / checkpoint cadence on GPU (no device sync per step). An infinite
+    generator loss at step 3 (log_every 10) ends the run ``diverged`` at step 3 either way, and
+    the checkpoint due at step 4 is not written (it reads the pending losses first)."""
+    import torch
+
+    from pisa_bench.checkpoints import CheckpointStore
+    from pisa_bench.tasks.gan import WGAN as GanTask
+    from pisa_bench.trainer import Trainer
+
+    original = GanTask.generator_round
+
+    def round_(self, model, opt, batch_size, trainer, create_graph=False):  # type: ignore[no-untyped-def]
+        row = original(self, model, opt, batch_size, trainer, create_graph)
+        return {**row, "loss_g": row["loss_g"] * math.inf} if trainer.step == 2 else row
+
+    monkeypatch.setattr(GanTask, "generator_round", round_)
+    monkeypatch.setattr(Trainer, "reads_loss_every_step", lambda self: every_step)
+    summary, run_dir = run_cfg([
+        *WGAN, "optim.lr=1e-3", "train.max_steps=7", "train.log_every=10", "train.eval_every=0",
+        "train.ckpt_every=4", f"name=gan_late_{every_step}",
+    ])
+    assert summary["status"] == "diverged" and summary["diverged_step"] == 3
+    assert "loss_g is inf at step 3" in summary["error"]
+    loaded, _ = CheckpointStore(run_dir, 0).load(map_location=torch.device("cpu"))
+    assert loaded is None
+
+
+def test_gan_losses_read_late_log_the_same_rows(run_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading the GAN's losses at the log cadence (GPU) logs exactly the rows that reading them
+    every step (CPU) does; with a generator round every 2nd step the logged steps carry only the
+    critic's losses, none left over from the step before."""
+    from pisa_bench.trainer import Trainer
+
+    rows = {}
+    for every_step in (True, False):
+        monkeypatch.setattr(Trainer, "reads_loss_every_step", lambda self, e=every_step: e)
+        summary, run_dir = run_cfg([
+            *WGAN, "optim.lr=1e-3", "train.max_steps=6", "train.log_every=2",
+            "task.gan.n_critic=2", f"name=gan_rows_{every_step}",
+        ])
+        assert summary["status"] == "ok", summary.get("error")
+        rows[every_step] = [
+            (r["step"], r["metric"], r["value"]) for r in _rows(run_dir) if r["split"] == "train"
+        ]
+    assert {m for _, m, _ in rows[True]} >= {"loss_d", "wasserstein", "lr"}
+    assert rows[True] == rows[False]

@@ -392,3 +392,31 @@ def test_fl_adult_resume_is_exact(method: str, optim: str, preempt_and_resume) -
     acc = [float(r["value"]) for r in read_metrics(cut_dir / "metrics.csv")
            if r["metric"] == "accuracy"]
     assert len(acc) == 4
+
+
+@pytest.mark.parametrize("method,optim", [("admm", "sisa"), ("fedprox", "sgdm")])
+def test_fl_losses_read_at_the_log_cadence_log_the_same_rows(
+    method: str, optim: str, run_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round loop reads its training losses (and the ADMM telemetry) every round on CPU and
+    at the log / evaluation cadence on GPU (no device sync per local step or round): both log
+    the same rows, and a loss limit below any loss still ends the run at round 1."""
+    from pisa_bench.trainer import Trainer
+
+    base = ["task=fl_adult", f"fl={method}", f"optim={optim}", "scale=smoke",
+            "train.max_steps=6", "train.log_every=2", "train.eval_every=3"]
+    rows = {}
+    for every_step in (True, False):
+        monkeypatch.setattr(Trainer, "reads_loss_every_step", lambda self, e=every_step: e)
+        summary, run_dir = run_cfg([*base, f"name=rows_{every_step}"])
+        assert summary["status"] == "ok", summary.get("error")
+        rows[every_step] = [(r["step"], r["split"], r["metric"], r["value"])
+                            for r in read_metrics(run_dir / "metrics.csv")]
+        low, _ = run_cfg([*base, "+task.explode_above=1e-9", f"name=low_{every_step}"])
+        assert low["status"] == "diverged" and low["diverged_step"] == 1
+        assert "training loss is" in low["error"]
+    train = {m for _, split, m, _ in rows[True] if split == "train"}
+    assert {"loss", "lr"} <= train
+    assert method != "admm" or "admm_dual_norm" in train
+    assert method == "admm" or "client_drift" in train
+    assert rows[True] == rows[False]

@@ -168,9 +168,10 @@ class FedAlgorithm:
 
     def run_round(
         self, client_batches: Sequence[Iterable[Batch]], lr_scale: float = 1.0
-    ) -> dict[str, float]:
+    ) -> dict[str, Tensor | float]:
         """One communication round; returns ``loss`` (mean local training loss over all local
-        steps), ``local_steps`` and ``client_drift`` ``= sqrt(sum_i p_i ||y_i - x||^2)``."""
+        steps), ``local_steps`` and ``client_drift`` ``= sqrt(sum_i p_i ||y_i - x||^2)``; the loss
+        and the drift are float64 device tensors, not yet read (no device sync per local step)."""
         if len(client_batches) != self.m:
             raise ValueError(f"{len(client_batches)} clients' batches for {self.m} clients")
         self._begin_round()
@@ -191,11 +192,11 @@ class FedAlgorithm:
                 self.step_fn(opt)
                 self.after_step(i, opt)
                 tau += 1
-                loss_sum += float(loss.detach())
+                loss_sum += loss.detach().double()
             if tau == 0:
                 raise ValueError(f"client {i} got no batch this round")
             y = flat_params(self.model)
-            drift += self.p[i] * float((y - start).pow(2).sum())
+            drift += self.p[i] * (y - start).pow(2).sum().double()
             self._client_done(i, y, tau, opt)
             buffers.add(self.p[i])
             steps += tau

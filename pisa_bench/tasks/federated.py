@@ -58,6 +58,7 @@ from pisa_bench.config import group_options, optim_config
 from pisa_bench.data.partition import label_counts, parse_scheme, partition
 from pisa_bench.data.split import carve_validation
 from pisa_bench.models import build_model
+from pisa_bench.runtime import round_telemetry
 from pisa_bench.schedules import lr_multiplier
 from pisa_bench.tasks.base import Task, to_device
 from pisa_bench.trainer import Trainer
@@ -194,9 +195,10 @@ class ADMMClients:
         for g, lr in zip(self.other_groups, self.other_lr):
             g["lr"] = lr * lr_scale
 
-    def run_round(self, client_batches: Sequence[Any], lr_scale: float = 1.0) -> dict[str, float]:
+    def run_round(self, client_batches: Sequence[Any], lr_scale: float = 1.0) -> dict[str, Tensor]:
         """One round; returns ``loss`` ``= sum_i alpha_i F_i(w)`` (the clients' mean losses at the
-        global weights, weighted by data share) and the optimizer's telemetry."""
+        global weights, weighted by data share), a float64 device tensor not yet read (the
+        optimizer's telemetry is read at the log cadence: :func:`round_telemetry`)."""
         opt = self.opt
         if not getattr(opt, "round_done", True):
             raise RuntimeError("a round is already under way")
@@ -211,7 +213,7 @@ class ADMMClients:
                 loss = self.loss_fn(self.model, batch)
                 weight = 1.0 if self.gradient == "minibatch" else self.scale[i] * n / self.sizes[i]
                 (loss * weight).backward(create_graph=self.create_graph)
-                loss_sum += float(loss.detach()) * n
+                loss_sum += loss.detach().double() * n
                 n_seen += n
             if n_seen == 0:
                 raise ValueError(f"client {i} got no batch this round")
@@ -221,9 +223,7 @@ class ADMMClients:
             raise RuntimeError("the optimizer did not complete its round after m client steps")
         self.rounds += 1
         total = sum(self.sizes)
-        row = {"loss": sum(n * v for n, v in zip(self.sizes, losses)) / total}
-        row.update({f"admm_{k}": v for k, v in opt.telemetry().items()})  # type: ignore[attr-defined]
-        return row
+        return {"loss": sum(n * v for n, v in zip(self.sizes, losses)) / total}
 
     def eval_points(self) -> list[tuple[float, Tensor | None]]:
         return [(1.0, None)]
@@ -477,13 +477,18 @@ class Federated(Task):
             trainer.step += 1
             trainer.samples += per_round
             trainer.epoch = trainer.samples // n_train
-            trainer.check_finite(row["loss"], "training loss")
+            trainer.watch({"training loss": row["loss"]})  # read now on CPU, at the cadence on GPU
             bar.update(1)
-            if trainer.log_due():
+            log_due, eval_due = trainer.log_due(), trainer.eval_due()
+            if trainer.reads_loss_every_step() or log_due or eval_due:
+                trainer.read_watched()
+            if log_due:
                 lr = algo.opt.param_groups[0]["lr"] if method == "admm" else (
                     algo.last_optimizer.param_groups[0]["lr"] if algo.last_optimizer else math.nan)
-                trainer.log("train", {**row, "lr": lr})
-            if trainer.eval_due():
+                telemetry = round_telemetry(algo.opt) if method == "admm" else {}
+                trainer.log("train", {**{k: float(v) for k, v in row.items()}, **telemetry,
+                                      "lr": lr})
+            if eval_due:
                 trainer.record_eval(self._evaluate_points(model, algo))
             trainer.checkpoint_or_stop(
                 lambda: {"model": model.state_dict(), "method": algo.state_dict()})

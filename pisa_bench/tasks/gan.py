@@ -293,12 +293,14 @@ class WGAN(Task):
         real: torch.Tensor,
         trainer: Trainer,
         create_graph: bool = False,
-    ) -> dict[str, float]:
-        """One optimizer round of the critic on ``real`` (m sub-batches); clip after it."""
+    ) -> dict[str, torch.Tensor]:
+        """One optimizer round of the critic on ``real`` (m sub-batches); clip after it. The
+        losses are device tensors, not yet read (:meth:`Trainer.watch`)."""
         G, D = model.generator, model.critic
         precision, clip = str(self.cfg.train.precision), self.cfg.train.get("grad_clip")
         subs = self.split_batch(real, n_workers(opt))
-        sums = {"loss_d": 0.0, "wasserstein": 0.0, "gp": 0.0}
+        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device)
+                for k in ("loss_d", "wasserstein", "gp")}
         for sub in subs:
             opt.zero_grad(set_to_none=True)
             with torch.no_grad(), autocast(self.device, precision):
@@ -309,13 +311,13 @@ class WGAN(Task):
                 if self.gp_weight:
                     gp = gradient_penalty(D, sub, fake)
                     loss = loss + self.gp_weight * gp
-                    sums["gp"] += float(gp.detach())
+                    sums["gp"] += gp.detach().double()
             loss.backward(create_graph=create_graph)
             if clip:
                 nn.utils.clip_grad_norm_(D.parameters(), float(clip))
             trainer.optimizer_step(opt)
-            sums["loss_d"] += float(loss.detach())
-            sums["wasserstein"] += float((d_real - d_fake).detach())
+            sums["loss_d"] += loss.detach().double()
+            sums["wasserstein"] += (d_real - d_fake).detach().double()
         if self.clip_value is not None:
             clip_weights(D, self.clip_value)
         out = {k: v / len(subs) for k, v in sums.items()}
@@ -330,15 +332,16 @@ class WGAN(Task):
         batch_size: int,
         trainer: Trainer,
         create_graph: bool = False,
-    ) -> dict[str, float]:
-        """One optimizer round of the generator on ``batch_size`` noise vectors (m sub-batches)."""
+    ) -> dict[str, torch.Tensor]:
+        """One optimizer round of the generator on ``batch_size`` noise vectors (m sub-batches);
+        its loss a device tensor, not yet read."""
         G, D = model.generator, model.critic
         precision, clip = str(self.cfg.train.precision), self.cfg.train.get("grad_clip")
         sizes = [len(c) for c in torch.arange(batch_size).tensor_split(n_workers(opt))]
         if min(sizes) == 0:
             raise ValueError(f"batch of {batch_size} cannot feed {len(sizes)} workers")
         D.requires_grad_(False)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         try:
             for n in sizes:
                 opt.zero_grad(set_to_none=True)
@@ -348,7 +351,7 @@ class WGAN(Task):
                 if clip:
                     nn.utils.clip_grad_norm_(G.parameters(), float(clip))
                 trainer.optimizer_step(opt)
-                total += float(loss.detach())
+                total += loss.detach().double()
         finally:
             D.requires_grad_(True)
         return {"loss_g": total / len(sizes)}
@@ -399,15 +402,19 @@ class WGAN(Task):
             trainer.end_round()
             trainer.step += 1
             trainer.samples += len(real)
-            trainer.check_metrics(row, ("loss_d", "wasserstein", "gp", "loss_g"))  # both losses
+            trainer.watch(row)  # both losses, read at once on CPU, at the cadence on GPU
             bar.update(1)
-            if trainer.log_due():
-                row["lr"] = opt_d.param_groups[0]["lr"]
-                for name, opt in (("d", opt_d), ("g", opt_g)):
-                    row.update(round_telemetry(opt, f"admm_{name}_"))
-                trainer.log("train", row)
+            log_due = trainer.log_due()
             epoch_end = per_epoch and trainer.batch_in_epoch >= spe
-            if epoch_end or trainer.eval_due():
+            eval_due = epoch_end or trainer.eval_due()
+            if trainer.reads_loss_every_step() or log_due or eval_due:
+                read = trainer.read_watched()
+            if log_due:
+                read["lr"] = opt_d.param_groups[0]["lr"]
+                for name, opt in (("d", opt_d), ("g", opt_g)):
+                    read.update(round_telemetry(opt, f"admm_{name}_"))
+                trainer.log("train", read)
+            if eval_due:
                 trainer.record_eval(self.evaluate(model))
             trainer.checkpoint_or_stop(ckpt_state)
         bar.close()
