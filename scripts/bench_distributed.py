@@ -15,7 +15,9 @@ round, with:
   warm-up rounds), ``sisa_bf16`` (``comm_dtype=torch.bfloat16``), ``sisa_one_bucket``
   (``bucket_mb=None``: one all-reduce after the whole step, no overlap) and ``hybrid_nsisa``
   (:func:`pisa.hybrid_nsisa`: NSISA on the hidden matrices, fused AdamW on the head and the
-  vectors, whose gradients are all-reduced in the same round), each in distributed mode (every
+  vectors, whose gradients are all-reduced in the same round; Newton-Schulz in float32) and
+  ``hybrid_nsisa_bf16`` (the same with Newton-Schulz in bfloat16, as ``torch.optim.Muon`` runs
+  it: the like-for-like row against ``ddp_muon``), each in distributed mode (every
   ``step()`` a round, its consensus all-reduced in persistent buckets of ``--bucket-mb`` MiB,
   default 2 so that this 8.5 MB model has several, as the library's 25 MiB gives a 100M-parameter
   model; each bucket started during the step).
@@ -65,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 import pisa  # noqa: E402
 
 OPTIMIZERS = ("ddp_adamw_fused", "ddp_adamw_fused_bf16", "ddp_muon", "pisa", "sisa",
-              "sisa_fused", "sisa_bf16", "sisa_one_bucket", "hybrid_nsisa")
+              "sisa_fused", "sisa_bf16", "sisa_one_bucket", "hybrid_nsisa", "hybrid_nsisa_bf16")
 #: the DDP row each optimizer is compared with (same communicated dtype)
 BASELINE = {"sisa_bf16": "ddp_adamw_fused_bf16", "ddp_adamw_fused_bf16": "ddp_adamw_fused_bf16"}
 IN_DIM, OUT_DIM, BATCH = 64, 10, 64
@@ -115,7 +117,7 @@ def bf16_hook(state, bucket):  # type: ignore[no-untyped-def]  # (DDP checks ann
 
 
 def build(
-    name: str, model: nn.Module, bucket_mb: float
+    name: str, model: nn.Module, bucket_mb: float | None
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The module to call and the optimizer of ``name`` (``model`` holds rank 0's weights)."""
     if name.startswith("ddp"):
@@ -136,11 +138,16 @@ def build(
         if name == "sisa_fused":
             kwargs["fused"] = True
         return model, pisa.SISA(model.parameters(), lr=1e-3, sigma=10.0, **kwargs)
-    if name == "hybrid_nsisa":
-        return model, pisa.hybrid_nsisa(model, lr=1e-3, ns_dtype=torch.float32,
+    if name.startswith("hybrid_nsisa"):
+        ns_dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+        return model, pisa.hybrid_nsisa(model, lr=1e-3, ns_dtype=ns_dtype,
                                         bucket_mb=bucket_mb,
                                         companion_kwargs={"lr": 1e-3, "fused": True})
     raise ValueError(name)
+
+
+def _bucket_mb(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def batch(rank: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,8 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--bucket-mb", type=float, default=2.0,
-                        help="PISA's bucket_mb (sisa_one_bucket: None)")
+    parser.add_argument("--bucket-mb", type=_bucket_mb, default=2.0,
+                        help="PISA's bucket_mb, or 'none': one bucket (sisa_one_bucket: none)")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "distributed.csv"))
     args = parser.parse_args(argv)
