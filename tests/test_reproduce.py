@@ -96,6 +96,43 @@ def test_verdicts_lists_run_and_not_yet_run_claims(tmp_path: Path, capsys) -> No
     assert "| fig1_vision |" not in text
 
 
+def test_verdicts_set_each_rerun_beside_its_committed_verdict(tmp_path: Path) -> None:
+    """A rerun (``<artefact>/rerun_<label>/verdict.json``) gets a row per claim and role in its
+    own section: both verdicts with their numbers, held or moved, the rerun's hardware."""
+    out = tmp_path / "results"
+    (out / "a" / "rerun_x").mkdir(parents=True)
+
+    def info(verdicts: dict[str, str], sisa: float, hardware: list[str]) -> str:
+        records = [{"task": task_role.split(":")[0], "claim": "sisa",
+                    "role": task_role.split(":")[-1], "verdict": v, "n_min": 5,
+                    "means": {"sisa": sisa, "adam": 80.0}, "comparisons": []}
+                   for task_role, v in verdicts.items()]
+        return json.dumps({"artefact": "table6_lstm", "title": "T", "claim": "SISA wins",
+                           "command": "cmd", "scale": "small", "caveats": [],
+                           "records": records, "protocol": {"trials": 5, "seeds": 5},
+                           "hardware": hardware})
+
+    (out / "a" / "verdict.json").write_text(
+        info({"t:tuned": "supported", "t:paper": "supported",
+              "u:tuned": "contradicted (worse than adam)"}, 90.0, ["cpu"]))
+    assert reproduce(["verdicts", "--results-dir", str(out)]) == 0
+    assert "another machine" not in (out / "VERDICTS.md").read_text()  # no rerun: no section
+    (out / "a" / "rerun_x" / "verdict.json").write_text(
+        info({"t:tuned": "supported", "t:paper": "not distinguishable at 5 seeds",
+              "u:tuned": "contradicted (worse than adam, sgdm)"}, 85.0, ["cpu (AVX512)"]))
+    assert reproduce(["verdicts", "--results-dir", str(out)]) == 0
+    text = (out / "VERDICTS.md").read_text()
+    assert ("| [table6_lstm](a/rerun_x/README.md) | t, tuned, sisa | supported (sisa 90; best "
+            "baseline adam 80) | supported (sisa 85; best baseline adam 80) | held | cpu (AVX512) |"
+            ) in text
+    assert ("| t, paper settings, sisa | supported (sisa 90; best baseline adam 80) | not "
+            "distinguishable at 5 seeds (sisa 85; best baseline adam 80) | **moved** |") in text
+    assert ("| u, tuned, sisa | contradicted (worse than adam) (sisa 90; best baseline adam 80) "
+            "| contradicted (worse than adam, sgdm) (sisa 85; best baseline adam 80) | held, "
+            "other baselines |") in text
+    assert text.count("](a/README.md)") == 3  # the main table keeps the committed rows only
+
+
 def test_only_incomplete_runs_are_relaunched(tmp_path: Path, run_cfg) -> None:
     p = plan("quickstart", "smoke", 6, tmp_path, ["optim=adamw"])
     assert [pt.cfg.seed for pt in p.points] == [0, 1, 2, 3, 4, 5]

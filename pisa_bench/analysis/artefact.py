@@ -487,4 +487,45 @@ def verdicts_markdown(results_dir: Path) -> str:
                "select on; a plain sweep only (`--sweep-only`)")
         lines.append(f"| {f.stem} | {rep['claim']} | – | – | not run yet | {why} | "
                      f"`python scripts/reproduce.py {f.stem}` |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *rerun_lines(results_dir)]) + "\n"
+
+
+def _kind(verdict: str) -> str:
+    """``supported`` / ``contradicted`` / ``not distinguishable at n seeds``: a verdict without
+    the baselines it names."""
+    return verdict.split(" (")[0].split(";")[0]
+
+
+def rerun_lines(results_dir: Path) -> list[str]:
+    """The section of ``VERDICTS.md`` that sets each committed verdict beside the same command's
+    rerun (``results/<artefact>/rerun_<label>/verdict.json``, e.g. on another CPU): held, held
+    with other baselines named, or moved, with both sets of numbers. Empty without a rerun."""
+    rows = []
+    for path in sorted(results_dir.glob("*/rerun_*/verdict.json")):
+        committed = path.parent.parent / "verdict.json"
+        if not committed.exists():
+            continue
+        new, old = json.loads(path.read_text()), json.loads(committed.read_text())
+        before = {(r["task"], r["claim"], r["role"]): r for r in old["records"]}
+        link = f"[{new['artefact']}]({path.parent.parent.name}/{path.parent.name}/README.md)"
+        where = ", ".join(new.get("hardware") or []) or "–"
+        for r in new["records"]:
+            o = before.get((r["task"], r["claim"], r["role"]))
+            if o is None:
+                continue
+            held = ("held" if o["verdict"] == r["verdict"] else
+                    "held, other baselines" if _kind(o["verdict"]) == _kind(r["verdict"]) else
+                    "**moved**")
+            rows.append(
+                f"| {link} | {r['task']}, {ROLE_NAMES[r['role']]}, {r['claim']} | "
+                f"{o['verdict']} ({numbers(o, old['protocol'])}) | "
+                f"{r['verdict']} ({numbers(r, new['protocol'])}) | {held} | {where} |")
+    if not rows:
+        return []
+    return ["", "## The same commands on another machine", "",
+            "Reruns of committed artefacts with the same command (`results/<artefact>/rerun_*/`): "
+            "floating-point results differ across CPUs (torch picks kernels by instruction set), "
+            "so a verdict near the edge can move. Which machine ran the committed records is not "
+            "recorded for records older than `meta.cpu`.", "",
+            "| rerun | task, role, claim | committed verdict | rerun's verdict | | rerun's "
+            "hardware |", "|---|---|---|---|---|---|", *rows]
