@@ -1,6 +1,7 @@
 """The config layout may move, run identities may not: every task x optimizer x scale, every
 federated task x method x scale and every planned point of every experiment (at every scale)
-composes to the identity hash recorded in ``tests/config_identities.json``.
+composes to the identity hash recorded in ``tests/config_identities.json`` (the planned points
+are checked by ``test_config_identities_planned.py``; the helpers are ``config_identities.py``).
 
 The golden file was written from the layout before the per-task folders (``conf/task_scale/``,
 ``conf/task_optim/``); committed run tables (``results/*/runs.csv``, column ``identity``) and
@@ -8,65 +9,24 @@ run directories depend on these hashes. Combinations added later (a new task, op
 sweep point) are not checked until the file is rewritten; rewrite it only for a change that is
 meant to change what runs compute::
 
-    python tests/test_config_layout.py --write
+    python tests/config_identities.py --write
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import tempfile
-from pathlib import Path
-
 import pytest
 import yaml
+from config_identities import check_unchanged, combination_identities
 
 from pisa_bench.config import CONF_DIR, group_options, specialise_folders
 from pisa_bench.identity import identity_hash
-from pisa_bench.launch.plan import composer, plan
-
-GOLDEN = Path(__file__).resolve().parent / "config_identities.json"
-FL_TASKS = ("fl_adult", "fl_cifar10")
-
-
-def _hash(compose, overrides: list[str]) -> str:
-    try:
-        return identity_hash(compose(overrides))
-    except Exception as e:  # a combination that does not compose stays that way
-        return f"error: {type(e).__name__}"
-
-
-def identities() -> dict[str, str]:
-    """``"<overrides>" -> identity hash`` for every combination and planned point."""
-    out: dict[str, str] = {}
-    scales = group_options("scale")
-    with composer() as compose:
-        for task in group_options("task"):
-            for scale in scales:
-                for optim in group_options("optim"):
-                    ovr = [f"task={task}", f"optim={optim}", f"scale={scale}"]
-                    out[" ".join(ovr)] = _hash(compose, ovr)
-                if task in FL_TASKS:
-                    for method in group_options("fl"):
-                        ovr = [f"task={task}", f"fl={method}", f"scale={scale}"]
-                        out[" ".join(ovr)] = _hash(compose, ovr)
-    with tempfile.TemporaryDirectory() as tmp:
-        for experiment in group_options("experiment"):
-            for scale in scales:
-                for p in plan(experiment, scale, out_dir=tmp).points:
-                    ovr = [o for o in p.overrides if not o.startswith("paths.out_dir=")]
-                    out[" ".join(ovr)] = identity_hash(p.cfg)
-    return out
 
 
 @pytest.mark.slow
 def test_identities_unchanged() -> None:
-    want = json.loads(GOLDEN.read_text())
-    got = identities()
-    changed = sorted(k for k in want if k in got and got[k] != want[k])
-    missing = sorted(set(want) - set(got))
-    assert not changed, f"{len(changed)} identities changed, e.g. {changed[:5]}"
-    assert not missing, f"{len(missing)} combinations gone, e.g. {missing[:5]}"
+    """Every task x optimizer x scale and federated task x method x scale (the planned points:
+    ``test_config_identities_planned.py``)."""
+    check_unchanged(combination_identities(), planned=False)
 
 
 def test_a_known_target_hashes_as_its_registry_name_and_no_other() -> None:
@@ -127,11 +87,3 @@ def test_own_optimizer_file_overrides_a_shared_one_whole() -> None:
                 if other.exists():
                     left = _keys(yaml.safe_load(other.read_text())) - mine
                     assert not left, f"{own} leaves {sorted(left)} to {other}"
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] != ["--write"]:
-        sys.exit(__doc__)
-    ids = identities()
-    GOLDEN.write_text(json.dumps(ids, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {len(ids)} identities to {GOLDEN}")
