@@ -112,32 +112,47 @@ def _attempts(out: Path) -> list:
         return []
 
 
-def test_kill_at_random_moments_then_resume_matches(tmp_path: Path, reference) -> None:
-    """Two SIGKILLs at random moments of one run (after a random number of logged rows, so rows
-    after the last checkpoint are on disk), then resume to the end. The first kill lands
-    anywhere; the second after the first checkpoint (a row of a later step is on disk), so that
-    the last attempt must resume from a checkpoint rather than start again."""
-    rng = random.Random(int(os.environ.get("PISA_FAULT_SEED", "0")))
-    n = len(reference[0])
-    eval_every = int(next(a for a in ARGS if a.startswith("train.eval_every=")).split("=")[1])
-    checkpointed = sum(1 for r in reference[0] if r[0] <= eval_every)  # rows up to the 1st one
-    first = rng.randrange(2, n - 2)
-    second = rng.randrange(max(first, checkpointed) + 1, n - 1)
+def _kill_twice(out: Path, first: int, second: int) -> bool:
+    """Start the run, SIGKILL it once ``first`` rows are on disk; start it again, SIGKILL it once
+    ``second`` rows are. False when the second kill came too late: the run had already written
+    its outcome (the last rows and the summary can land within one poll), so no attempt is left
+    to resume."""
     for attempt, target in enumerate((first, second), start=1):
-        p = run(tmp_path, wait=False)
+        p = run(out, wait=False)
         while p.poll() is None:
             # this attempt's own rows: once it is recorded (the rows the killed one left on
             # disk may already reach the target, and a kill before then would be no attempt)
-            if len(_attempts(tmp_path)) >= attempt:
-                csvs = [f for f in tmp_path.glob("runs/**/metrics.csv")
-                        if "attempts" not in f.parts]
+            if len(_attempts(out)) >= attempt:
+                csvs = [f for f in out.glob("runs/**/metrics.csv") if "attempts" not in f.parts]
                 if csvs and len(read_metrics(csvs[0])) >= target:
                     break
             time.sleep(0.01)
         p.send_signal(signal.SIGKILL)
         p.communicate()
         assert p.returncode == -signal.SIGKILL, "the run ended before it was killed"
-    d = finish(tmp_path)
+    return summary(run_dir(out))["status"] not in ("ok", "diverged")
+
+
+def test_kill_at_random_moments_then_resume_matches(tmp_path: Path, reference) -> None:
+    """Two SIGKILLs at random moments of one run (after a random number of logged rows, so rows
+    after the last checkpoint are on disk), then resume to the end. The first kill lands
+    anywhere; the second after the first checkpoint (a row of a later step is on disk), so that
+    the last attempt must resume from a checkpoint rather than start again. A second kill that
+    lands after the run wrote its outcome is no mid-run kill: the scenario starts over in a
+    fresh directory (at most 5 times)."""
+    rng = random.Random(int(os.environ.get("PISA_FAULT_SEED", "0")))
+    n = len(reference[0])
+    eval_every = int(next(a for a in ARGS if a.startswith("train.eval_every=")).split("=")[1])
+    checkpointed = sum(1 for r in reference[0] if r[0] <= eval_every)  # rows up to the 1st one
+    first = rng.randrange(2, n - 2)
+    second = rng.randrange(max(first, checkpointed) + 1, n - 1)
+    for tries in range(5):
+        out = tmp_path / f"try{tries}"
+        if _kill_twice(out, first, second):
+            break
+    else:
+        raise AssertionError("5 times the second kill came after the run had finished")
+    d = finish(out)
     assert_same_record(d, reference)
     attempts = json.loads((d / "meta.json").read_text())["attempts"]
     assert len(attempts) == 3 and attempts[-1]["resumed_from_step"] > 0  # resumed, not redone
