@@ -323,6 +323,11 @@ class Trainer:
             self.check_finite(value, name, step)
         return {n: v for s, n, v in zip(steps, names, host) if s == steps[-1]}
 
+    def read_watched_if(self, due: bool) -> dict[str, float]:
+        """:meth:`read_watched` when ``due`` (the step is logged or evaluated) or every step on
+        CPU (:meth:`reads_loss_every_step`); else ``{}``, the values left queued."""
+        return self.read_watched() if due or self.reads_loss_every_step() else {}
+
     def check_metrics(self, metrics: dict[str, float], keys: Iterable[str] | None = None) -> None:
         """:meth:`check_finite` on every entry of ``metrics`` (or on those of ``keys`` it has)."""
         for k in metrics if keys is None else [k for k in keys if k in metrics]:
@@ -594,13 +599,12 @@ class Trainer:
             self.watch({"training loss": loss_sum / len(subs)})
             bar.update(1)
             log_due, eval_due = self.log_due(), self.eval_due()
-            if self.reads_loss_every_step() or log_due or eval_due:
-                train_loss = self.read_watched()["training loss"]
+            read = self.read_watched_if(log_due or eval_due)
             if log_due:
-                row = {"loss": train_loss, "lr": opt.param_groups[0]["lr"]}
+                row = {"loss": read["training loss"], "lr": opt.param_groups[0]["lr"]}
                 row.update(round_telemetry(opt))
                 self.log("train", row)
-                bar.set_postfix_str(f"loss={train_loss:.4g}")
+                bar.set_postfix_str(f"loss={row['loss']:.4g}")
             if eval_due:
                 model.eval()
                 with torch.no_grad(), autocast(self.device, tc.precision):

@@ -480,8 +480,7 @@ class Federated(Task):
             trainer.watch({"training loss": row["loss"]})  # read now on CPU, at the cadence on GPU
             bar.update(1)
             log_due, eval_due = trainer.log_due(), trainer.eval_due()
-            if trainer.reads_loss_every_step() or log_due or eval_due:
-                trainer.read_watched()
+            trainer.read_watched_if(log_due or eval_due)
             if log_due:
                 lr = algo.opt.param_groups[0]["lr"] if method == "admm" else (
                     algo.last_optimizer.param_groups[0]["lr"] if algo.last_optimizer else math.nan)

@@ -407,8 +407,7 @@ class WGAN(Task):
             log_due = trainer.log_due()
             epoch_end = per_epoch and trainer.batch_in_epoch >= spe
             eval_due = epoch_end or trainer.eval_due()
-            if trainer.reads_loss_every_step() or log_due or eval_due:
-                read = trainer.read_watched()
+            read = trainer.read_watched_if(log_due or eval_due)
             if log_due:
                 read["lr"] = opt_d.param_groups[0]["lr"]
                 for name, opt in (("d", opt_d), ("g", opt_g)):
